@@ -1,0 +1,96 @@
+// Per-NUMA-node discard pipelines (DESIGN section 3, step 4).
+//
+// One tbb::task_arena per host node, constrained to that node's cores
+// (tbb::info::numa_nodes() / task_arena::constraints when TBB's hwloc binding
+// is available; otherwise an unconstrained arena of the node's core count).
+// Each node has a dispatcher thread that takes whole batches from the node's
+// queue and runs a tbb::parallel_pipeline over them inside the arena:
+//
+//   serial in-order source: take the next batch          (one request's ranges on this node)
+//   parallel:               coalesce adjacent ranges, choose the method, discard
+//   serial out-of-order:    account and complete the batch (callback)
+//
+// A whole request's ranges on one node are one unit of work: there is no
+// sleep/wake handoff per block, and no lock shared by all VMs on the hot path
+// (each node's queue has its own lock; batches from different VMs only meet
+// there).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "fph/reclaim/discard.h"
+#include "fph/reclaim/policy.h"
+#include "fph/reclaim/topology.h"
+
+namespace fph::reclaim {
+
+struct RangeResult {
+  DiscardTarget target;     // as submitted (after coalescing, one entry per syscall group)
+  DiscardOutcome outcome;
+};
+
+struct BatchResult {
+  int node = 0;
+  std::vector<RangeResult> ranges;
+  uint64_t discarded_bytes = 0;
+  uint64_t skipped_bytes = 0;
+  std::chrono::nanoseconds discard_time{0};  // wall time spent in discard syscalls
+  bool cancelled = false;                    // cancelled before it ran (nothing discarded)
+};
+
+struct Batch {
+  int node = 0;
+  std::vector<DiscardTarget> ranges;
+  // Called exactly once, from a pipeline thread (or from cancel/stop), when
+  // every range has been discarded or skipped.
+  std::function<void(BatchResult&&)> on_done;
+  // Optional: a batch whose token reads true when its turn comes is not
+  // discarded but completed with cancelled = true (session yanked / stopped).
+  std::shared_ptr<std::atomic<bool>> cancel;
+};
+
+struct PipelineOptions {
+  int max_tokens_per_node = 0;      // 0 = 2 * threads of the node
+  int threads_per_node = 0;         // 0 = the node's CPU count (at least 1)
+  bool coalesce = true;             // merge adjacent ranges of the same fd
+  uint64_t max_coalesced_bytes = 64ull << 20;
+};
+
+struct NodeCounters {
+  std::atomic<uint64_t> batches{0};
+  std::atomic<uint64_t> discarded_bytes{0};
+  std::atomic<uint64_t> skipped_bytes{0};
+  std::atomic<uint64_t> failures{0};
+  std::atomic<uint64_t> queued{0};  // batches waiting or running
+};
+
+class NodePipelines {
+ public:
+  NodePipelines(const Topology& topo, Discarder& discarder, PolicyTable& policy,
+                NodeMemoryProbe& probe, PipelineOptions opts = {});
+  ~NodePipelines();  // stop()
+  NodePipelines(const NodePipelines&) = delete;
+  NodePipelines& operator=(const NodePipelines&) = delete;
+
+  // Thread safe, never blocks on discard work. A batch for a node index out of
+  // range is completed at once with every byte skipped (Unsupported).
+  void submit(Batch b);
+  // Waits until every batch submitted so far has completed.
+  void drain();
+  // Completes queued batches as cancelled, waits for running ones, joins.
+  void stop();
+
+  int node_count() const;
+  const NodeCounters& counters(int node) const;
+
+ private:
+  struct Node;
+  std::vector<std::unique_ptr<Node>> nodes_;
+};
+
+}  // namespace fph::reclaim

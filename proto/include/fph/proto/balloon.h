@@ -1,0 +1,78 @@
+// virtio-balloon constants, config layout and queue numbering
+// (virtio 1.2 section 5.5; reference section 1).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+
+#include "fph/proto/error.h"
+
+namespace fph::proto::balloon {
+
+inline constexpr uint32_t kDeviceId = 5;
+inline constexpr uint32_t kPfnShift = 12;  // VIRTIO_BALLOON_PFN_SHIFT: 4 KiB units
+
+// Device feature bits.
+inline constexpr uint64_t kFMustTellHost = 1ull << 0;
+inline constexpr uint64_t kFStatsVq = 1ull << 1;
+inline constexpr uint64_t kFDeflateOnOom = 1ull << 2;
+inline constexpr uint64_t kFFreePageHint = 1ull << 3;
+inline constexpr uint64_t kFPagePoison = 1ull << 4;
+inline constexpr uint64_t kFReporting = 1ull << 5;
+// Generic virtio feature bits.
+inline constexpr uint64_t kFIndirectDesc = 1ull << 28;
+inline constexpr uint64_t kFEventIdx = 1ull << 29;
+inline constexpr uint64_t kFVersion1 = 1ull << 32;
+
+// Virtio device status bits.
+inline constexpr uint8_t kStatusAcknowledge = 1;
+inline constexpr uint8_t kStatusDriver = 2;
+inline constexpr uint8_t kStatusDriverOk = 4;
+inline constexpr uint8_t kStatusFeaturesOk = 8;
+inline constexpr uint8_t kStatusNeedsReset = 64;
+inline constexpr uint8_t kStatusFailed = 128;
+
+// Config space, always little-endian.
+struct Config {
+  uint32_t num_pages = 0;              // offset 0, device writes
+  uint32_t actual = 0;                 // offset 4, driver writes
+  uint32_t free_page_hint_cmd_id = 0;  // offset 8, valid with FREE_PAGE_HINT
+  uint32_t poison_val = 0;             // offset 12, valid with PAGE_POISON
+};
+inline constexpr uint32_t kConfigSize = 16;
+inline constexpr uint32_t kOffNumPages = 0;
+inline constexpr uint32_t kOffActual = 4;
+inline constexpr uint32_t kOffFreePageHintCmdId = 8;
+inline constexpr uint32_t kOffPoisonVal = 12;
+
+std::array<uint8_t, kConfigSize> encode_config(const Config& c);
+Config decode_config(std::span<const uint8_t, kConfigSize> bytes);
+// Whether the driver may write [offset, offset+size) of config space
+// (only `actual` and `poison_val`), unless it is a migration write.
+bool driver_writable(uint32_t offset, uint32_t size);
+
+// Queue roles, numbered densely by negotiated features the way Linux
+// (vp_find_vqs skips absent queues) and QEMU do it: inflate, deflate,
+// [stats], [free_page], [reporting]. The spec text's fixed indices (4 for
+// reporting) are not what real drivers use.
+enum class QueueRole : uint8_t { Inflate, Deflate, Stats, FreePage, Reporting, None };
+std::string_view to_string(QueueRole r);
+
+struct QueueLayout {
+  int inflate = 0;
+  int deflate = 1;
+  int stats = -1;
+  int free_page = -1;
+  int reporting = -1;
+  int count = 2;
+  QueueRole role(uint32_t index) const;
+};
+QueueLayout queue_layout(uint64_t features);
+
+// Linux page reporting constants (mm/page_reporting.h).
+inline constexpr uint32_t kReportingCapacity = 32;
+inline constexpr uint32_t kReportingQueueSize = 32;  // QEMU's reporting_vq size; Linux needs >= 32
+inline constexpr uint8_t kLinuxPagePoison = 0xaa;
+
+}  // namespace fph::proto::balloon
