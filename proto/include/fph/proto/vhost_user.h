@@ -184,7 +184,25 @@ ParseResult<DeviceStateParams> parse_device_state(std::span<const uint8_t> paylo
 // The number of file descriptors a request must carry (given its parsed
 // payload where that matters). Returns an error naming the request when the
 // count is wrong.
+//
+// The count is exact for every request except REM_MEM_REG, where the fd is
+// optional (older QEMU sent the region's fd, newer QEMU sends none; libvu
+// accepts either and closes it): expected_fds returns 0 for it, and callers
+// should compare with check_fds, which accepts 0 or 1.
 ParseResult<size_t> expected_fds(uint32_t request, std::span<const uint8_t> payload);
+
+// Accepted descriptor counts [min, max] for a request (min == max except for
+// REM_MEM_REG: [0, 1]).
+struct FdCountRange {
+  size_t min = 0;
+  size_t max = 0;
+  bool allows(size_t n) const { return n >= min && n <= max; }
+};
+ParseResult<FdCountRange> expected_fds_range(uint32_t request, std::span<const uint8_t> payload);
+// expected_fds_range plus the comparison: returns `received` if allowed, else
+// a BadFdCount error whose field is the request name ("SET_MEM_TABLE.fds").
+ParseResult<size_t> check_fds(uint32_t request, std::span<const uint8_t> payload,
+                              size_t received);
 
 // Encoders (used by the front end and by replies).
 std::vector<uint8_t> encode_u64(uint64_t v);
