@@ -47,7 +47,8 @@ class SysfsNodeMemoryProbe final : public NodeMemoryProbe {
 
 bool under_pressure(const NodePolicy& p, const NodeMemory& m);
 
-// Thread-safe table of per-node policies.
+// Thread-safe table of per-node policies. A node index out of range reads as
+// the constructor's defaults; set() on it is ignored.
 class PolicyTable {
  public:
   explicit PolicyTable(int nodes, NodePolicy defaults = {});
@@ -60,6 +61,7 @@ class PolicyTable {
  private:
   mutable std::mutex mu_;
   std::vector<NodePolicy> nodes_;
+  NodePolicy defaults_;  // what get() returns for a node index out of range
 };
 
 }  // namespace fph::reclaim

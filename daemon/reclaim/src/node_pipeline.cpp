@@ -1,0 +1,445 @@
+// Per-node discard pipelines (DESIGN section 3, step 4; shape after oneTBB's
+// examples/parallel_pipeline: serial source, parallel middle, serial sink,
+// bounded tokens).
+//
+// Completion contract: every submitted Batch gets exactly one on_done call,
+// whatever happens (cancel, stop, node out of range, a throwing discarder or
+// probe). A request that never completes leaks the guest's isolated memory
+// (STYLE: "requests always completed with a status, never dropped").
+#include "fph/reclaim/node_pipeline.h"
+
+#include <pthread.h>
+#include <tbb/info.h>
+#include <tbb/parallel_pipeline.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+
+#include "fph/common/checked.h"
+#include "fph/common/log.h"
+
+namespace fph::reclaim {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The probe reads files; once per ~100 ms per node is plenty for a pressure
+// signal whose own averaging window (PSI avg10) is 10 s.
+constexpr auto kProbeInterval = std::chrono::milliseconds(100);
+// Longest single sleep of a rate-limited range, so stop() and cancel tokens
+// are noticed promptly.
+constexpr auto kRateSlice = std::chrono::milliseconds(10);
+
+bool is_cancelled(const Batch& b) {
+  return b.cancel != nullptr && b.cancel->load(std::memory_order_acquire);
+}
+
+// Result of a batch that never reached the discarder: every byte skipped.
+BatchResult skipped_result(const Batch& b, SkipReason why) {
+  BatchResult r;
+  r.node = b.node;
+  r.cancelled = why == SkipReason::Cancelled;
+  r.ranges.reserve(b.ranges.size());
+  for (const auto& t : b.ranges) {
+    RangeResult rr;
+    rr.target = t;
+    rr.outcome.skipped_bytes = t.length;
+    rr.outcome.skip = why;
+    r.skipped_bytes += t.length;
+    r.ranges.push_back(rr);
+  }
+  return r;
+}
+
+void call_done(Batch& b, BatchResult&& r) {
+  if (!b.on_done) return;
+  try {
+    b.on_done(std::move(r));
+  } catch (const std::exception& e) {
+    log::error("reclaim", "batch completion callback threw: {}", e.what());
+  } catch (...) {
+    log::error("reclaim", "batch completion callback threw");
+  }
+}
+
+// Two ranges may become one syscall only if every byte between them was
+// reported too, i.e. they touch, and they share everything the syscall needs.
+bool can_merge(const DiscardTarget& a, const DiscardTarget& b, uint64_t max_bytes) {
+  if (a.backing != b.backing || a.page_size != b.page_size || a.node != b.node || a.fd != b.fd) {
+    return false;
+  }
+  const auto len = checked_add(a.length, b.length);
+  if (!len || *len > max_bytes) return false;
+  if ((a.addr == nullptr) != (b.addr == nullptr)) return false;
+  if (a.fd < 0 && a.addr == nullptr) return false;  // nothing to address: leave it to the discarder
+  if (a.fd >= 0) {
+    const auto end = checked_add(a.fd_offset, a.length);
+    if (!end || *end != b.fd_offset) return false;
+  }
+  if (a.addr != nullptr) {
+    const auto end = checked_add(reinterpret_cast<uintptr_t>(a.addr), a.length);
+    if (!end || *end != reinterpret_cast<uintptr_t>(b.addr)) return false;
+  }
+  return true;
+}
+
+// Sorts by position in the backing so that ranges reported out of order still
+// merge; identical or overlapping ranges never merge (they do not touch).
+std::vector<DiscardTarget> coalesce(const std::vector<DiscardTarget>& in, uint64_t max_bytes) {
+  std::vector<DiscardTarget> sorted(in);
+  std::stable_sort(sorted.begin(), sorted.end(), [](const DiscardTarget& x, const DiscardTarget& y) {
+    auto key = [](const DiscardTarget& t) {
+      return std::tuple(t.backing, t.page_size, t.node, t.fd, t.fd_offset,
+                        reinterpret_cast<uintptr_t>(t.addr));
+    };
+    return key(x) < key(y);
+  });
+  std::vector<DiscardTarget> out;
+  out.reserve(sorted.size());
+  for (const auto& t : sorted) {
+    if (t.length == 0) continue;
+    if (!out.empty() && can_merge(out.back(), t, max_bytes)) {
+      out.back().length += t.length;
+    } else {
+      out.push_back(t);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+struct NodePipelines::Node {
+  Node(const NodeInfo& info, Discarder& d, PolicyTable& p, NodeMemoryProbe& pr,
+       const PipelineOptions& o)
+      : index(info.index), os_index(info.os_index), discarder(d), policy(p), probe(pr), opts(o) {}
+
+  // One unit of pipeline work: a batch and what became of it.
+  struct Work {
+    Batch batch;
+    NodeMemory memory;
+    BatchResult result;
+    bool completed = false;
+  };
+
+  const int index;
+  const int os_index;
+  Discarder& discarder;
+  PolicyTable& policy;
+  NodeMemoryProbe& probe;
+  const PipelineOptions opts;
+  int max_tokens = 1;
+  std::optional<tbb::task_arena> arena;
+  NodeCounters counters;
+
+  // The node's queue. Batches from every VM meet here and nowhere else.
+  std::mutex mu;
+  std::condition_variable cv;       // queue non-empty or stopping
+  std::condition_variable done_cv;  // a batch completed (drain)
+  std::deque<std::pair<uint64_t, Batch>> queue;  // (sequence, batch)
+  std::set<uint64_t> in_flight;                  // sequences submitted, not completed
+  uint64_t next_seq = 0;
+  bool stopping = false;
+  std::atomic<bool> stop_flag{false};  // stopping, readable without mu
+  std::thread dispatcher;
+
+  // Touched only by the pipeline's serial source stage.
+  NodeMemory memory;
+  std::optional<Clock::time_point> memory_at;
+
+  // Token bucket (DESIGN section 4: a per-node rate limit bounds the CPU the
+  // daemon spends). Shared by the node's parallel stage.
+  std::mutex rate_mu;
+  double tokens = 0;
+  Clock::time_point refilled_at = Clock::now();
+
+  void run();
+  void run_pipeline(std::deque<std::pair<uint64_t, Batch>>& work);
+  NodeMemory read_memory();
+  void process(Work& w);
+  bool take_tokens(uint64_t bytes, uint64_t rate, const Batch& b);
+  void complete(uint64_t seq, Batch& b, BatchResult&& r);
+};
+
+NodeMemory NodePipelines::Node::read_memory() {
+  const auto now = Clock::now();
+  if (!memory_at || now - *memory_at >= kProbeInterval) {
+    try {
+      memory = probe.read(os_index);
+    } catch (...) {
+      memory = NodeMemory{};  // invalid: policy treats it as no pressure
+    }
+    memory_at = now;
+  }
+  return memory;
+}
+
+// Debt-based token bucket: a range may start while the bucket is not in debt
+// and then takes its full size (so ranges larger than one second's worth still
+// pass); the average stays at `rate`. Returns false if the wait was abandoned
+// because of stop() or the batch's cancel token.
+bool NodePipelines::Node::take_tokens(uint64_t bytes, uint64_t rate, const Batch& b) {
+  const double capacity = static_cast<double>(rate);  // one second of burst
+  for (;;) {
+    Clock::duration wait{};
+    {
+      std::lock_guard lk(rate_mu);
+      const auto now = Clock::now();
+      const double elapsed = std::chrono::duration<double>(now - refilled_at).count();
+      tokens = std::min(capacity, tokens + elapsed * static_cast<double>(rate));
+      refilled_at = now;
+      if (tokens >= 0) {
+        tokens -= static_cast<double>(bytes);
+        return true;
+      }
+      wait = std::chrono::duration_cast<Clock::duration>(
+          std::chrono::duration<double>(-tokens / static_cast<double>(rate)));
+    }
+    if (stop_flag.load(std::memory_order_acquire) || is_cancelled(b)) return false;
+    std::this_thread::sleep_for(std::min<Clock::duration>(wait, kRateSlice));
+  }
+}
+
+void NodePipelines::Node::process(Work& w) {
+  Batch& b = w.batch;
+  BatchResult& r = w.result;
+  r.node = index;
+  // "when its turn comes" (node_pipeline.h): a batch cancelled or stopped
+  // before this point discards nothing.
+  if (is_cancelled(b) || stop_flag.load(std::memory_order_acquire)) {
+    r = skipped_result(b, SkipReason::Cancelled);
+    r.node = index;
+    return;
+  }
+  const NodePolicy pol = policy.get(index);
+  std::vector<DiscardTarget> groups =
+      opts.coalesce ? coalesce(b.ranges, std::max<uint64_t>(opts.max_coalesced_bytes, 1)) : b.ranges;
+
+  // One choose() per backing per batch: the policy table's lock is shared by
+  // all nodes, so it stays off the per-range path.
+  std::optional<Method> chosen[3];
+  r.ranges.reserve(groups.size());
+  bool abandoned = false;
+  for (const auto& t : groups) {
+    RangeResult rr;
+    rr.target = t;
+    auto& m = chosen[static_cast<size_t>(t.backing) % 3];
+    if (!m) m = policy.choose(t.backing, index, w.memory);
+    rr.outcome.method = *m;
+    if (t.length == 0) {
+      r.ranges.push_back(rr);
+      continue;
+    }
+    if (!abandoned && pol.rate_limit_bytes_per_sec != 0) {
+      abandoned = !take_tokens(t.length, pol.rate_limit_bytes_per_sec, b);
+    }
+    if (abandoned) {
+      rr.outcome.skipped_bytes = t.length;
+      rr.outcome.skip = SkipReason::Cancelled;
+    } else {
+      const auto t0 = Clock::now();
+      try {
+        rr.outcome = discarder.discard(t, *m);
+      } catch (...) {
+        rr.outcome = DiscardOutcome{};
+        rr.outcome.method = *m;
+        rr.outcome.skipped_bytes = t.length;
+        rr.outcome.skip = SkipReason::Failed;
+      }
+      r.discard_time += Clock::now() - t0;
+    }
+    r.discarded_bytes += rr.outcome.discarded_bytes;
+    r.skipped_bytes += rr.outcome.skipped_bytes;
+    r.ranges.push_back(rr);
+  }
+}
+
+void NodePipelines::Node::complete(uint64_t seq, Batch& b, BatchResult&& r) {
+  counters.batches.fetch_add(1, std::memory_order_relaxed);
+  counters.discarded_bytes.fetch_add(r.discarded_bytes, std::memory_order_relaxed);
+  counters.skipped_bytes.fetch_add(r.skipped_bytes, std::memory_order_relaxed);
+  uint64_t failures = 0;
+  for (const auto& rr : r.ranges) failures += rr.outcome.skip == SkipReason::Failed ? 1 : 0;
+  if (failures != 0) counters.failures.fetch_add(failures, std::memory_order_relaxed);
+  call_done(b, std::move(r));
+  // Counted as done only after the callback returned, so that drain() means
+  // "every callback has run".
+  std::lock_guard lk(mu);
+  in_flight.erase(seq);
+  counters.queued.fetch_sub(1, std::memory_order_relaxed);
+  done_cv.notify_all();
+}
+
+void NodePipelines::Node::run_pipeline(std::deque<std::pair<uint64_t, Batch>>& queued) {
+  // Allocated up front so that nothing in the stages needs memory for
+  // bookkeeping, and so that the fallback below can find every batch.
+  std::vector<Work> work(queued.size());
+  std::vector<uint64_t> seqs(queued.size());
+  for (size_t i = 0; i < queued.size(); ++i) {
+    seqs[i] = queued[i].first;
+    work[i].batch = std::move(queued[i].second);
+  }
+  queued.clear();
+  size_t next = 0;
+  try {
+    arena->execute([&] {
+      tbb::parallel_pipeline(
+          static_cast<size_t>(max_tokens),
+          tbb::make_filter<void, size_t>(tbb::filter_mode::serial_in_order,
+                                         [&](tbb::flow_control& fc) -> size_t {
+                                           if (next == work.size()) {
+                                             fc.stop();
+                                             return 0;
+                                           }
+                                           work[next].memory = read_memory();
+                                           return next++;
+                                         }) &
+              tbb::make_filter<size_t, size_t>(tbb::filter_mode::parallel,
+                                               [&](size_t i) {
+                                                 process(work[i]);
+                                                 return i;
+                                               }) &
+              tbb::make_filter<size_t, void>(tbb::filter_mode::serial_out_of_order,
+                                             [&](size_t i) {
+                                               work[i].completed = true;
+                                               complete(seqs[i], work[i].batch,
+                                                        std::move(work[i].result));
+                                             }));
+    });
+  } catch (const std::exception& e) {
+    log::error("reclaim", "node {} pipeline failed: {}", index, e.what());
+  } catch (...) {
+    log::error("reclaim", "node {} pipeline failed", index);
+  }
+  // Stages catch everything, so this only runs if TBB itself failed: the
+  // batches still owed a completion get one, with nothing claimed discarded.
+  for (size_t i = 0; i < work.size(); ++i) {
+    if (!work[i].completed) {
+      work[i].completed = true;
+      complete(seqs[i], work[i].batch, skipped_result(work[i].batch, SkipReason::Failed));
+    }
+  }
+}
+
+void NodePipelines::Node::run() {
+  const std::string name = "fph-reclaim-" + std::to_string(index);
+  pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+  for (;;) {
+    std::deque<std::pair<uint64_t, Batch>> work;
+    {
+      std::unique_lock lk(mu);
+      cv.wait(lk, [&] { return stopping || !queue.empty(); });
+      // stop() completes whatever is queued itself, under this lock.
+      if (queue.empty()) return;
+      work.swap(queue);
+    }
+    run_pipeline(work);
+  }
+}
+
+NodePipelines::NodePipelines(const Topology& topo, Discarder& discarder, PolicyTable& policy,
+                             NodeMemoryProbe& probe, PipelineOptions opts) {
+  // NUMA-bound arenas only when the topology is this machine's and TBB's hwloc
+  // binding (tbbbind) sees more than one node; otherwise the numa ids would
+  // not match the topology's os indexes.
+  std::vector<tbb::numa_node_id> tbb_nodes;
+  if (!topo.is_synthetic()) {
+    try {
+      tbb_nodes = tbb::info::numa_nodes();
+    } catch (...) {
+    }
+    if (tbb_nodes.size() < 2) tbb_nodes.clear();
+  }
+  for (const auto& info : topo.nodes()) {
+    auto n = std::make_unique<Node>(info, discarder, policy, probe, opts);
+    const int threads = opts.threads_per_node > 0
+                            ? opts.threads_per_node
+                            : std::max(1, static_cast<int>(info.cpus.size()));
+    n->max_tokens = opts.max_tokens_per_node > 0 ? opts.max_tokens_per_node : 2 * threads;
+    if (std::find(tbb_nodes.begin(), tbb_nodes.end(), info.os_index) != tbb_nodes.end()) {
+      tbb::task_arena::constraints c;
+      c.set_numa_id(info.os_index);
+      c.set_max_concurrency(threads);
+      n->arena.emplace(c);
+    } else {
+      n->arena.emplace(threads);
+    }
+    log::debug("reclaim", "node {} (os {}): {} threads, {} tokens, {}", info.index, info.os_index,
+               threads, n->max_tokens, tbb_nodes.empty() ? "unbound arena" : "numa arena");
+    nodes_.push_back(std::move(n));
+  }
+  for (auto& n : nodes_) n->dispatcher = std::thread([node = n.get()] { node->run(); });
+}
+
+NodePipelines::~NodePipelines() { stop(); }
+
+void NodePipelines::submit(Batch b) {
+  if (b.node < 0 || b.node >= node_count()) {
+    BatchResult r = skipped_result(b, SkipReason::Unsupported);
+    call_done(b, std::move(r));
+    return;
+  }
+  Node& n = *nodes_[static_cast<size_t>(b.node)];
+  {
+    std::lock_guard lk(n.mu);
+    if (!n.stopping) {
+      const uint64_t seq = n.next_seq++;
+      n.in_flight.insert(seq);
+      n.counters.queued.fetch_add(1, std::memory_order_relaxed);
+      n.queue.emplace_back(seq, std::move(b));
+      n.cv.notify_one();
+      return;
+    }
+  }
+  // Submitted after stop(): completed at once, never silently dropped.
+  BatchResult r = skipped_result(b, SkipReason::Cancelled);
+  call_done(b, std::move(r));
+}
+
+void NodePipelines::drain() {
+  for (auto& n : nodes_) {
+    std::unique_lock lk(n->mu);
+    // Only batches submitted before this call: later ones may keep coming.
+    const uint64_t horizon = n->next_seq;
+    n->done_cv.wait(lk, [&] { return n->in_flight.empty() || *n->in_flight.begin() >= horizon; });
+  }
+}
+
+void NodePipelines::stop() {
+  for (auto& n : nodes_) {
+    std::deque<std::pair<uint64_t, Batch>> queued;
+    {
+      std::lock_guard lk(n->mu);
+      n->stopping = true;
+      n->stop_flag.store(true, std::memory_order_release);
+      queued.swap(n->queue);
+      n->cv.notify_all();
+    }
+    for (auto& [seq, b] : queued) n->complete(seq, b, skipped_result(b, SkipReason::Cancelled));
+  }
+  for (auto& n : nodes_) {
+    if (n->dispatcher.joinable()) n->dispatcher.join();
+  }
+}
+
+int NodePipelines::node_count() const { return static_cast<int>(nodes_.size()); }
+
+const NodeCounters& NodePipelines::counters(int node) const {
+  if (node < 0 || node >= node_count()) {
+    static const NodeCounters kNone;  // out of range: always zero
+    return kNone;
+  }
+  return nodes_[static_cast<size_t>(node)]->counters;
+}
+
+}  // namespace fph::reclaim
