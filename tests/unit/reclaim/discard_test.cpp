@@ -4,6 +4,8 @@
 #include "fph/reclaim/discard.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -312,6 +314,11 @@ class HugetlbDiscard : public ::testing::Test {
   }
 
   void SetUp() override {
+    // ctest runs test cases as parallel processes: serialize the
+    // read-modify-restore of the system-wide knob, or two runs would restore
+    // each other's values and leak huge pages.
+    lock_.reset(open("/tmp/fph-test-nr_hugepages.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!lock_ || flock(lock_.get(), LOCK_EX) != 0) GTEST_SKIP() << "cannot take the hugetlb lock";
     if (!read_knob(&saved_)) GTEST_SKIP() << "cannot read " << kKnob;
     have_saved_ = true;
     if (free_huge_pages() < kNeeded) {
@@ -326,9 +333,11 @@ class HugetlbDiscard : public ::testing::Test {
   }
   void TearDown() override {
     if (changed_ && have_saved_) write_knob(saved_);
+    lock_.reset();  // closing the fd releases the flock
   }
 
   static constexpr long kNeeded = 2;
+  UniqueFd lock_;
   long saved_ = 0;
   bool have_saved_ = false;
   bool changed_ = false;

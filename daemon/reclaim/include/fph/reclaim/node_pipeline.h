@@ -79,10 +79,15 @@ class NodePipelines {
 
   // Thread safe, never blocks on discard work. A batch for a node index out of
   // range is completed at once with every byte skipped (Unsupported).
+  // (Also: a batch submitted after stop() is completed at once, cancelled.
+  // BatchResult::ranges come sorted by position and coalesced, not in
+  // submission order. on_done may call submit(), never drain() or stop().)
   void submit(Batch b);
   // Waits until every batch submitted so far has completed.
   void drain();
   // Completes queued batches as cancelled, waits for running ones, joins.
+  // (A running batch waiting on its node's rate limit stops waiting; its
+  // remaining ranges are skipped as Cancelled. Idempotent.)
   void stop();
 
   int node_count() const;

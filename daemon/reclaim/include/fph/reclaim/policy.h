@@ -35,6 +35,8 @@ struct NodeMemory {
 
 // Seam: how node memory is read. Production reads
 // /sys/devices/system/node/node<N>/meminfo and /proc/pressure/memory.
+// (NodePipelines calls read() from each node's pipeline, so concurrently for
+// different nodes, at most about every 100 ms per node.)
 class NodeMemoryProbe {
  public:
   virtual ~NodeMemoryProbe() = default;
