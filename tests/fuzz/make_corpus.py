@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus under tests/fuzz/corpus/<target>/ (small binary files).
+
+Run from anywhere: python3 tests/fuzz/make_corpus.py. The files are committed;
+rerun only when the input formats change.
+"""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write(target, name, data):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+# ---- fuzz_vhost_user: 12-byte header + payload (reference section 4) ----
+def msg(req, payload=b"", flags=0x1):
+    return struct.pack("<III", req, flags, len(payload)) + payload
+
+
+def region(gpa, size, uaddr, off):
+    return struct.pack("<QQQQ", gpa, size, uaddr, off)
+
+
+vu = {
+    "get_features": msg(1, flags=0x1),
+    "set_features": msg(2, struct.pack("<Q", (1 << 32) | (1 << 30) | (1 << 5))),
+    "set_mem_table_2": msg(5, struct.pack("<II", 2, 0)
+                           + region(0, 0x80000000, 0x7f0000000000, 0)
+                           + region(0x100000000, 0x40000000, 0x7f4000000000, 0x80000000)),
+    "set_log_base": msg(6, struct.pack("<QQ", 0x10000, 0)),
+    "set_vring_num": msg(8, struct.pack("<II", 2, 32)),
+    "set_vring_addr": msg(9, struct.pack("<IIQQQQ", 2, 1, 0x7f0000001000, 0x7f0000002000,
+                                         0x7f0000001200, 0x2000)),
+    "set_vring_kick": msg(12, struct.pack("<Q", 2)),
+    "set_vring_call_nofd": msg(13, struct.pack("<Q", 0x102)),
+    "get_config": msg(24, struct.pack("<III", 0, 16, 0) + bytes(16), flags=0x9),
+    "set_config_actual": msg(25, struct.pack("<III", 4, 4, 0) + struct.pack("<I", 1024)),
+    "add_mem_reg": msg(37, struct.pack("<Q", 0) + region(0x200000000, 0x200000, 0x7f8000000000, 0)),
+    "rem_mem_reg": msg(38, struct.pack("<Q", 0) + region(0x200000000, 0x200000, 0x7f8000000000, 0)),
+    "set_device_state_fd": msg(42, struct.pack("<II", 0, 0)),
+    "reply_u64": msg(1, struct.pack("<Q", 0), flags=0x5),
+}
+for name, data in vu.items():
+    write("fuzz_vhost_user", name, data)
+
+# ---- fuzz_virtqueue: [log2 num][flags][next_avail u16] + memory image ----
+AVAIL, USED, MEM = 0x800, 0xA00, 0x2000
+
+
+def ring(log2num, flags, descs, heads, extra=None, used_event=None, next_avail=0):
+    num = 1 << log2num
+    img = bytearray(MEM)
+    for i, (addr, ln, fl, nx) in enumerate(descs):
+        struct.pack_into("<QIHH", img, 16 * i, addr, ln, fl, nx)
+    struct.pack_into("<HH", img, AVAIL, 0, (next_avail + len(heads)) & 0xffff)
+    for i, h in enumerate(heads):
+        struct.pack_into("<H", img, AVAIL + 4 + 2 * (((next_avail + i) % num)), h)
+    if used_event is not None:
+        struct.pack_into("<H", img, AVAIL + 4 + 2 * num, used_event)
+    for off, data in (extra or {}).items():
+        img[off:off + len(data)] = data
+    # Trim trailing zeros: the fuzzer zero-fills the rest.
+    body = bytes(img).rstrip(b"\0")
+    return struct.pack("<BBH", log2num, flags, next_avail) + body
+
+
+NEXT, WRITE, INDIRECT = 1, 2, 4
+write("fuzz_virtqueue", "simple_chain",
+      ring(2, 0, [(0x1000, 64, NEXT, 1), (0x2000, 4096, WRITE, 0)], [0]))
+write("fuzz_virtqueue", "reporting_32",
+      ring(5, 0, [((i + 1) << 21, 1 << 21, WRITE | (NEXT if i < 31 else 0), i + 1) for i in range(32)],
+           [0]))
+table = b"".join(struct.pack("<QIHH", 0x5000 + 0x1000 * i, 4096, WRITE | (NEXT if i < 2 else 0), i + 1)
+                 for i in range(3))
+write("fuzz_virtqueue", "indirect",
+      ring(2, 1, [(0x1000, 48, INDIRECT, 0)], [0], extra={0x1000: table}))
+write("fuzz_virtqueue", "event_idx_wrap",
+      ring(3, 2, [(0x1000, 8, 0, 0), (0x2000, 8, WRITE, 0)], [0, 1, 0], used_event=1, next_avail=0xfffe))
+write("fuzz_virtqueue", "loop",
+      ring(2, 0, [(0x1000, 8, NEXT, 1), (0x2000, 8, NEXT, 0)], [0, 1]))
