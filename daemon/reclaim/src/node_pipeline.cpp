@@ -353,7 +353,15 @@ NodePipelines::NodePipelines(const Topology& topo, Discarder& discarder, PolicyT
   // binding (tbbbind) sees more than one node; otherwise the numa ids would
   // not match the topology's os indexes.
   std::vector<tbb::numa_node_id> tbb_nodes;
-  if (!topo.is_synthetic()) {
+  // tbb::info::numa_nodes() loads tbbbind with RTLD_DEEPBIND, which the
+  // sanitizer runtimes refuse (google/sanitizers#611): single-node hosts
+  // and sanitized builds never need it.
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr bool kMayLoadTbbbind = false;
+#else
+  constexpr bool kMayLoadTbbbind = true;
+#endif
+  if (kMayLoadTbbbind && !topo.is_synthetic() && topo.node_count() > 1) {
     try {
       tbb_nodes = tbb::info::numa_nodes();
     } catch (...) {

@@ -1,0 +1,115 @@
+// Prometheus metrics of fphd (DESIGN section 6; the full list and meaning is in
+// docs/metrics.md). Names follow Prometheus conventions: fphd_ prefix, base
+// units (bytes, seconds), _total for counters. Histograms are labelled by host
+// node, never by VM, to keep cardinality bounded on hosts with many VMs.
+//
+// The hot path never looks a series up by label: a session resolves its
+// series once (VmMetrics) and increments atomics after that.
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <array>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "fph/reclaim/discard.h"
+
+namespace fph::daemon {
+
+inline constexpr size_t kMethods = 4;    // reclaim::Method values
+inline constexpr size_t kSkipReasons = 9;  // reclaim::SkipReason values
+
+// Request outcomes: every request ends in exactly one.
+enum class RequestOutcome : uint8_t { Discarded, Partial, Skipped, Invalid, Cancelled };
+inline constexpr size_t kOutcomes = 5;
+std::string_view to_string(RequestOutcome o);
+
+class Metrics;
+
+// One VM's series. Created when a session gets its name, removed with it.
+class VmMetrics {
+ public:
+  VmMetrics(Metrics& m, std::string vm, int nodes);
+  ~VmMetrics();
+  VmMetrics(const VmMetrics&) = delete;
+  VmMetrics& operator=(const VmMetrics&) = delete;
+
+  void reported(int node, uint64_t bytes);
+  void discarded(int node, reclaim::Method m, uint64_t bytes);
+  void skipped(reclaim::SkipReason r, uint64_t bytes);
+  void request_done(RequestOutcome o);
+  void protocol_error(const std::string& reason);
+  void set_inflight(int64_t n);
+  void set_guest_memory(uint64_t bytes);
+
+ private:
+  Metrics& m_;
+  std::string vm_;
+  int nodes_;
+  std::vector<prometheus::Counter*> reported_;              // [node]
+  std::vector<std::array<prometheus::Counter*, kMethods>> discarded_;  // [node][method], lazily
+  std::array<prometheus::Counter*, kSkipReasons> skipped_{};
+  std::array<prometheus::Counter*, kOutcomes> requests_{};
+  prometheus::Gauge* inflight_ = nullptr;
+  prometheus::Gauge* guest_memory_ = nullptr;
+  std::mutex err_mu_;  // protocol errors are rare: a map is fine
+  std::map<std::string, prometheus::Counter*> errors_;
+  std::mutex lazy_mu_;
+};
+
+class Metrics {
+ public:
+  // `bind` is "ADDRESS:PORT" (port 0 picks a free one) or empty for no
+  // endpoint (the registry still works, e.g. in unit tests).
+  Metrics(const std::string& bind, int nodes);
+  ~Metrics();
+
+  // "http://127.0.0.1:PORT/metrics", or empty.
+  std::string url() const;
+  int nodes() const { return nodes_; }
+  std::shared_ptr<prometheus::Registry> registry() { return registry_; }
+
+  void observe_request_latency(int node, double seconds);
+  void observe_discard_duration(int node, double seconds);
+  void session_opened();
+  void session_closed();
+  void protocol_error_unnamed(const std::string& reason);  // before a session has a name
+  void discard_syscalls(int node, reclaim::Method m, uint64_t n);
+
+ private:
+  friend class VmMetrics;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::string bind_;
+  int nodes_;
+
+  prometheus::Family<prometheus::Counter>& reported_bytes_;
+  prometheus::Family<prometheus::Counter>& discarded_bytes_;
+  prometheus::Family<prometheus::Counter>& skipped_bytes_;
+  prometheus::Family<prometheus::Counter>& requests_;
+  prometheus::Family<prometheus::Counter>& protocol_errors_;
+  prometheus::Family<prometheus::Counter>& syscalls_;
+  prometheus::Family<prometheus::Counter>& sessions_opened_;
+  prometheus::Family<prometheus::Gauge>& inflight_;
+  prometheus::Family<prometheus::Gauge>& guest_memory_;
+  prometheus::Family<prometheus::Gauge>& sessions_;
+  prometheus::Family<prometheus::Gauge>& build_info_;
+  prometheus::Family<prometheus::Histogram>& request_latency_;
+  prometheus::Family<prometheus::Histogram>& discard_duration_;
+  std::vector<prometheus::Histogram*> request_latency_by_node_;
+  std::vector<prometheus::Histogram*> discard_duration_by_node_;
+  std::vector<std::array<prometheus::Counter*, kMethods>> syscalls_by_node_;
+  prometheus::Gauge* sessions_gauge_ = nullptr;
+  prometheus::Counter* sessions_opened_total_ = nullptr;
+};
+
+}  // namespace fph::daemon

@@ -1,0 +1,57 @@
+// The reporting queue service (DESIGN section 3, steps 3-5): take every
+// available chain of a kicked queue, validate it before touching anything,
+// translate each range to (region fd, offset, host node), hand the request to
+// the node pipelines, and return the chain when every range is done or
+// deliberately skipped. A chain is always returned, whatever happened to its
+// ranges, because the Linux driver sleeps until it comes back.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "fph/daemon/guest_memory.h"
+#include "fph/daemon/vring.h"
+#include "fph/proto/balloon.h"
+#include "fph/proto/virtqueue.h"
+#include "fph/reclaim/discard.h"
+#include "fph/reclaim/topology.h"
+
+namespace fph::daemon {
+
+class Session;
+
+struct SkippedBytes {
+  reclaim::SkipReason reason;
+  uint64_t bytes;
+};
+
+// What one chain asks for, after validation: a pure function of the chain,
+// the memory table and the session's state, so it is unit tested directly.
+struct RequestPlan {
+  std::vector<std::vector<reclaim::DiscardTarget>> per_node;  // [node] sorted by (fd, offset)
+  std::vector<uint64_t> reported_per_node;                    // valid reported bytes by node
+  std::vector<SkippedBytes> skipped;                          // decided before any discard
+  std::vector<std::string> errors;                            // one line per invalid buffer
+  std::vector<std::string> error_reasons;                     // metric reason per invalid buffer
+  std::vector<std::shared_ptr<MappedRegion>> regions;         // keeps mappings alive
+  uint64_t invalid_bytes = 0;
+  size_t targets() const;
+};
+
+// Balloon inflate chains carry arrays of le32 PFNs (4 KiB units) in readable
+// buffers; reporting chains carry device-writable buffers that ARE the free
+// ranges. `pfns` is filled from guest memory for inflate (read once).
+RequestPlan plan_request(const proto::vq::Chain& chain, proto::balloon::QueueRole role,
+                         const MemoryTable& table, reclaim::SkipReason session_skip,
+                         const reclaim::Topology& topo);
+
+// Services a kicked queue. Returns false if the ring is broken beyond use
+// (the avail index jumped): the session must be closed.
+bool service_queue(Session& s, uint32_t queue, proto::balloon::QueueRole role, Vring& vr,
+                   std::mutex& mu, const std::shared_ptr<const MemoryTable>& table);
+
+}  // namespace fph::daemon

@@ -1,0 +1,86 @@
+// Accepts and attaches vhost-user connections and runs one Session per VM.
+//
+// VM names (DESIGN section 7). A connection carries no VM name, so fphd
+// derives one, stable for the life of the connection, in this order:
+//   1. the name configured for the socket: `--vm NAME=PATH` (a listening
+//      socket dedicated to one VM) or `--attach NAME=PATH` (fphd connects to
+//      the front end's server socket);
+//   2. on a shared `--listen PATH` socket, the peer process found with
+//      SO_PEERCRED: QEMU's `-name guest=NAME,...` / `-name NAME`, or
+//      fph-guest's `--name NAME`, from /proc/PID/cmdline;
+//   3. otherwise "<comm>-<pid>", or "conn-<n>" when not even the pid is known.
+// A name already in use by a live session gets "-2", "-3", ... appended.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "fph/common/expected.h"
+#include "fph/common/unique_fd.h"
+#include "fph/daemon/session.h"
+
+namespace fph::daemon {
+
+struct NamedPath {
+  std::string name;
+  std::string path;
+};
+
+struct ServerConfig {
+  std::vector<std::string> listen;   // shared listening sockets
+  std::vector<NamedPath> vm_sockets; // one listening socket per VM
+  std::vector<NamedPath> attach;     // connect out to a front end's server socket
+  unsigned socket_mode = 0660;       // permissions of the sockets we create
+};
+
+// The VM name in a process's argv (QEMU -name, fph-guest --name), or "".
+std::string name_from_cmdline(const std::vector<std::string>& argv);
+// Steps 2 and 3 above for a connected socket.
+std::string name_from_peer(int sock, uint64_t conn_no);
+
+class Server {
+ public:
+  Server(DaemonContext& ctx, ServerConfig cfg);
+  ~Server();
+
+  // Creates the listening sockets (removing stale socket files first).
+  Expected<void, std::string> start();
+  // Paths of all listening sockets.
+  std::vector<std::string> socket_paths() const;
+  // Stops accepting, stops every session (each drains its in-flight
+  // requests), joins all threads.
+  void stop();
+
+  std::vector<std::shared_ptr<Session>> sessions() const;
+
+ private:
+  void accept_loop();
+  void attach_loop(NamedPath target);
+  void run_session(UniqueFd sock, std::string base_name);
+  std::string unique_name(const std::string& base);
+
+  DaemonContext& ctx_;
+  ServerConfig cfg_;
+  struct Listener {
+    UniqueFd fd;
+    std::string path;
+    std::string fixed_name;  // empty: derive from the peer
+  };
+  std::vector<Listener> listeners_;
+  UniqueFd stop_fd_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> conn_no_{0};
+  std::thread accept_thread_;
+  std::vector<std::thread> attach_threads_;
+
+  mutable std::mutex mu_;  // sessions_ and session_threads_; never on the data path
+  std::map<std::string, std::shared_ptr<Session>> sessions_;
+  std::vector<std::thread> session_threads_;
+};
+
+}  // namespace fph::daemon

@@ -1,0 +1,135 @@
+// One VM: one vhost-user connection, served by its own thread.
+//
+// The session owns the protocol state (features, memory table, rings,
+// config, status) and runs the control loop: it polls the socket and the
+// kick eventfds, answers messages and hands kicked queues to the queue
+// service. Reporting requests complete on pipeline threads, which return the
+// chain to the used ring under the session's own lock: no lock is shared
+// between VMs.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "fph/common/unique_fd.h"
+#include "fph/daemon/guest_memory.h"
+#include "fph/daemon/metrics.h"
+#include "fph/daemon/vring.h"
+#include "fph/proto/balloon.h"
+#include "fph/proto/channel.h"
+#include "fph/reclaim/node_pipeline.h"
+#include "fph/reclaim/topology.h"
+
+namespace fph::daemon {
+
+// What all sessions share. Everything here is thread safe.
+struct DaemonContext {
+  const reclaim::Topology& topology;
+  reclaim::NodePipelines& pipelines;
+  Metrics& metrics;
+};
+
+// Features fphd offers (reference 1.1, 4.4). EVENT_IDX is not offered (we
+// do not publish avail_event); LOG_ALL/LOG_SHMFD are not offered yet, so
+// QEMU blocks migration of a VM using fphd rather than migrating it wrong.
+inline constexpr uint64_t kOfferedFeatures =
+    proto::balloon::kFVersion1 | proto::balloon::kFIndirectDesc | proto::balloon::kFPagePoison |
+    proto::balloon::kFReporting | proto::vu::feature::kProtocolFeatures;
+inline constexpr uint64_t kOfferedProtocolFeatures =
+    proto::vu::protocol::bit(proto::vu::protocol::kReplyAck) |
+    proto::vu::protocol::bit(proto::vu::protocol::kConfig) |
+    proto::vu::protocol::bit(proto::vu::protocol::kConfigureMemSlots) |
+    proto::vu::protocol::bit(proto::vu::protocol::kStatus);
+inline constexpr uint32_t kMaxQueues = 5;  // inflate, deflate, stats, free page, reporting
+
+enum class SessionState : uint8_t { Negotiating, Active, Stopped, Closing };
+std::string_view to_string(SessionState s);
+
+struct SessionInfo {
+  std::string name;
+  uint64_t features = 0;
+  uint64_t protocol_features = 0;
+  uint8_t status = 0;
+  size_t regions = 0;
+  uint64_t memory_bytes = 0;
+  int inflight = 0;
+  bool paused = false;
+  uint32_t poison_val = 0;
+};
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(DaemonContext& ctx, UniqueFd sock, std::string name);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  // Serves the connection until the peer disconnects, a fatal protocol error
+  // occurs or request_stop() is called. Returns after every taken request has
+  // been returned and no pipeline work references the session.
+  void run();
+  // From any thread: ends run() soon (shuts the socket down).
+  void request_stop();
+
+  const std::string& name() const { return name_; }
+  SessionInfo info() const;
+  void set_paused(bool paused);
+
+  // Called by the queue service (pipeline threads): return a chain to the
+  // used ring and notify the driver if it wants it.
+  void return_chain(uint32_t queue, uint16_t head);
+  // Called by the queue service with the session lock held: a chain was
+  // taken off ring `queue` and must be returned later with return_chain.
+  void taken_locked(uint32_t queue);
+
+  VmMetrics& metrics() { return *vm_metrics_; }
+  DaemonContext& context() { return ctx_; }
+
+  // Session-level reason to not discard right now (poison, paused, ring
+  // disabled), or SkipReason::None.
+  reclaim::SkipReason skip_reason(uint32_t queue) const;
+  std::shared_ptr<std::atomic<bool>> cancel_token() const { return cancel_; }
+
+ private:
+  struct Reply;
+  bool serve_one();                     // false: close the session
+  bool handle(proto::vu::Message& m);  // false: close the session
+  void fail(const proto::vu::Message& m, const std::string& reason, const std::string& detail);
+  void send_ack(const proto::vu::Message& m, bool ok);
+  bool send_reply_payload(const proto::vu::Message& m, std::span<const uint8_t> payload);
+  void start_ring(uint32_t idx);
+  void stop_ring(uint32_t idx);         // waits for in-flight requests of that ring
+  void wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk);
+  void service_kick(uint32_t idx);
+  void set_table(std::shared_ptr<const MemoryTable> t);
+  void reset_device();
+
+  DaemonContext& ctx_;
+  UniqueFd sock_;
+  UniqueFd wake_;  // eventfd: request_stop()
+  std::string name_;
+  std::unique_ptr<VmMetrics> vm_metrics_;
+  std::shared_ptr<std::atomic<bool>> cancel_ = std::make_shared<std::atomic<bool>>(false);
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> paused_{false};
+
+  // Guarded by mu_ (the session thread and pipeline completions).
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  uint64_t features_ = 0;        // acked by SET_FEATURES
+  bool features_set_ = false;
+  uint64_t protocol_features_ = 0;
+  uint8_t status_ = 0;
+  proto::balloon::Config config_{};
+  proto::balloon::QueueLayout layout_{};
+  std::shared_ptr<const MemoryTable> table_ = std::make_shared<MemoryTable>();
+  Vring vrings_[kMaxQueues];
+  int inflight_total_ = 0;
+};
+
+}  // namespace fph::daemon

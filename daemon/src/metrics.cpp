@@ -1,0 +1,216 @@
+#include "fph/daemon/metrics.h"
+
+#include <prometheus/counter.h>
+
+#include "fph/common/log.h"
+
+#ifndef FPH_VERSION
+#define FPH_VERSION "0.0.0"
+#endif
+
+namespace fph::daemon {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+
+std::string_view to_string(RequestOutcome o) {
+  switch (o) {
+    case RequestOutcome::Discarded: return "discarded";
+    case RequestOutcome::Partial: return "partial";
+    case RequestOutcome::Skipped: return "skipped";
+    case RequestOutcome::Invalid: return "invalid";
+    case RequestOutcome::Cancelled: return "cancelled";
+  }
+  return "?";
+}
+
+namespace {
+prometheus::Histogram::BucketBoundaries latency_buckets() {
+  // 50 us .. ~26 s, x2 per bucket: a 4 KiB-shmem request of 64 MiB takes
+  // tens of milliseconds, a paused or hung one seconds.
+  prometheus::Histogram::BucketBoundaries b;
+  for (double v = 50e-6; v < 30; v *= 2) b.push_back(v);
+  return b;
+}
+}  // namespace
+
+Metrics::Metrics(const std::string& bind, int nodes)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      bind_(bind),
+      nodes_(nodes),
+      reported_bytes_(BuildCounter()
+                          .Name("fphd_reported_bytes_total")
+                          .Help("Bytes of guest memory reported free in valid ranges, by VM and host NUMA node.")
+                          .Register(*registry_)),
+      discarded_bytes_(BuildCounter()
+                           .Name("fphd_discarded_bytes_total")
+                           .Help("Bytes whose host backing was discarded (syscall accepted), by VM, node and method.")
+                           .Register(*registry_)),
+      skipped_bytes_(BuildCounter()
+                         .Name("fphd_skipped_bytes_total")
+                         .Help("Reported bytes that were deliberately not discarded, by VM and reason.")
+                         .Register(*registry_)),
+      requests_(BuildCounter()
+                    .Name("fphd_requests_total")
+                    .Help("Reporting requests returned to the guest, by VM and outcome.")
+                    .Register(*registry_)),
+      protocol_errors_(BuildCounter()
+                           .Name("fphd_protocol_errors_total")
+                           .Help("Malformed or refused vhost-user messages and virtqueue chains, by VM and reason.")
+                           .Register(*registry_)),
+      syscalls_(BuildCounter()
+                    .Name("fphd_discard_syscalls_total")
+                    .Help("Discard syscalls issued (including retries), by node and method.")
+                    .Register(*registry_)),
+      sessions_opened_(BuildCounter()
+                           .Name("fphd_sessions_opened_total")
+                           .Help("vhost-user sessions accepted or attached since start.")
+                           .Register(*registry_)),
+      inflight_(BuildGauge()
+                    .Name("fphd_inflight_requests")
+                    .Help("Reporting requests taken from the ring and not yet returned, by VM.")
+                    .Register(*registry_)),
+      guest_memory_(BuildGauge()
+                        .Name("fphd_guest_memory_bytes")
+                        .Help("Guest memory mapped for the VM (sum of its regions).")
+                        .Register(*registry_)),
+      sessions_(BuildGauge().Name("fphd_sessions").Help("Live vhost-user sessions.").Register(*registry_)),
+      build_info_(BuildGauge()
+                      .Name("fphd_build_info")
+                      .Help("Always 1; the labels carry the fphd version.")
+                      .Register(*registry_)),
+      request_latency_(BuildHistogram()
+                           .Name("fphd_request_duration_seconds")
+                           .Help("Time from taking a reporting request off the ring to returning it, by node.")
+                           .Register(*registry_)),
+      discard_duration_(BuildHistogram()
+                            .Name("fphd_discard_duration_seconds")
+                            .Help("Time spent in discard syscalls per pipeline batch, by node.")
+                            .Register(*registry_)) {
+  build_info_.Add({{"version", FPH_VERSION}}).Set(1);
+  sessions_gauge_ = &sessions_.Add({});
+  sessions_opened_total_ = &sessions_opened_.Add({});
+  for (int n = 0; n < nodes; ++n) {
+    const std::string node = std::to_string(n);
+    request_latency_by_node_.push_back(&request_latency_.Add({{"node", node}}, latency_buckets()));
+    discard_duration_by_node_.push_back(&discard_duration_.Add({{"node", node}}, latency_buckets()));
+    std::array<prometheus::Counter*, kMethods> sc{};
+    for (size_t m = 0; m < kMethods; ++m)
+      sc[m] = &syscalls_.Add(
+          {{"node", node}, {"method", std::string(reclaim::to_string(static_cast<reclaim::Method>(m)))}});
+    syscalls_by_node_.push_back(sc);
+  }
+  if (!bind.empty()) {
+    exposer_ = std::make_unique<prometheus::Exposer>(bind);
+    exposer_->RegisterCollectable(registry_);
+  }
+}
+
+Metrics::~Metrics() = default;
+
+std::string Metrics::url() const {
+  if (!exposer_) return {};
+  const auto ports = exposer_->GetListeningPorts();
+  if (ports.empty()) return {};
+  std::string host = bind_.substr(0, bind_.rfind(':'));
+  return "http://" + host + ":" + std::to_string(ports.front()) + "/metrics";
+}
+
+void Metrics::observe_request_latency(int node, double s) {
+  if (node >= 0 && node < nodes_) request_latency_by_node_[node]->Observe(s);
+}
+void Metrics::observe_discard_duration(int node, double s) {
+  if (node >= 0 && node < nodes_) discard_duration_by_node_[node]->Observe(s);
+}
+void Metrics::session_opened() {
+  sessions_gauge_->Increment();
+  sessions_opened_total_->Increment();
+}
+void Metrics::session_closed() { sessions_gauge_->Decrement(); }
+void Metrics::protocol_error_unnamed(const std::string& reason) {
+  protocol_errors_.Add({{"vm", ""}, {"reason", reason}}).Increment();
+}
+void Metrics::discard_syscalls(int node, reclaim::Method m, uint64_t n) {
+  if (node >= 0 && node < nodes_ && n)
+    syscalls_by_node_[node][static_cast<size_t>(m)]->Increment(static_cast<double>(n));
+}
+
+VmMetrics::VmMetrics(Metrics& m, std::string vm, int nodes) : m_(m), vm_(std::move(vm)), nodes_(nodes) {
+  for (int n = 0; n < nodes; ++n)
+    reported_.push_back(&m_.reported_bytes_.Add({{"vm", vm_}, {"node", std::to_string(n)}}));
+  discarded_.resize(nodes);
+  for (auto& row : discarded_) row.fill(nullptr);
+  for (size_t o = 0; o < kOutcomes; ++o)
+    requests_[o] = &m_.requests_.Add(
+        {{"vm", vm_}, {"outcome", std::string(to_string(static_cast<RequestOutcome>(o)))}});
+  inflight_ = &m_.inflight_.Add({{"vm", vm_}});
+  guest_memory_ = &m_.guest_memory_.Add({{"vm", vm_}});
+}
+
+VmMetrics::~VmMetrics() {
+  // Series of a VM that is gone are removed: VM names come and go on a busy
+  // host and stale series would grow without bound.
+  for (auto* c : reported_) m_.reported_bytes_.Remove(c);
+  for (auto& row : discarded_)
+    for (auto* c : row)
+      if (c) m_.discarded_bytes_.Remove(c);
+  for (auto* c : skipped_)
+    if (c) m_.skipped_bytes_.Remove(c);
+  for (auto* c : requests_) m_.requests_.Remove(c);
+  for (auto& [k, c] : errors_) m_.protocol_errors_.Remove(c);
+  m_.inflight_.Remove(inflight_);
+  m_.guest_memory_.Remove(guest_memory_);
+}
+
+void VmMetrics::reported(int node, uint64_t bytes) {
+  if (node >= 0 && node < nodes_) reported_[node]->Increment(static_cast<double>(bytes));
+}
+
+void VmMetrics::discarded(int node, reclaim::Method method, uint64_t bytes) {
+  if (node < 0 || node >= nodes_ || bytes == 0) return;
+  auto& slot = discarded_[node][static_cast<size_t>(method)];
+  prometheus::Counter* c = __atomic_load_n(&slot, __ATOMIC_ACQUIRE);
+  if (!c) {
+    // Created on first use so a VM only shows the methods it really used.
+    std::lock_guard lk(lazy_mu_);
+    c = slot;
+    if (!c) {
+      c = &m_.discarded_bytes_.Add({{"vm", vm_},
+                                    {"node", std::to_string(node)},
+                                    {"method", std::string(reclaim::to_string(method))}});
+      __atomic_store_n(&slot, c, __ATOMIC_RELEASE);
+    }
+  }
+  c->Increment(static_cast<double>(bytes));
+}
+
+void VmMetrics::skipped(reclaim::SkipReason r, uint64_t bytes) {
+  if (bytes == 0) return;
+  auto& slot = skipped_[static_cast<size_t>(r)];
+  prometheus::Counter* c = __atomic_load_n(&slot, __ATOMIC_ACQUIRE);
+  if (!c) {
+    std::lock_guard lk(lazy_mu_);
+    c = slot;
+    if (!c) {
+      c = &m_.skipped_bytes_.Add({{"vm", vm_}, {"reason", std::string(reclaim::to_string(r))}});
+      __atomic_store_n(&slot, c, __ATOMIC_RELEASE);
+    }
+  }
+  c->Increment(static_cast<double>(bytes));
+}
+
+void VmMetrics::request_done(RequestOutcome o) { requests_[static_cast<size_t>(o)]->Increment(); }
+
+void VmMetrics::protocol_error(const std::string& reason) {
+  std::lock_guard lk(err_mu_);
+  auto it = errors_.find(reason);
+  if (it == errors_.end())
+    it = errors_.emplace(reason, &m_.protocol_errors_.Add({{"vm", vm_}, {"reason", reason}})).first;
+  it->second->Increment();
+}
+
+void VmMetrics::set_inflight(int64_t n) { inflight_->Set(static_cast<double>(n)); }
+void VmMetrics::set_guest_memory(uint64_t b) { guest_memory_->Set(static_cast<double>(b)); }
+
+}  // namespace fph::daemon

@@ -1,0 +1,280 @@
+#include "fph/daemon/queue_service.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "fph/common/checked.h"
+#include "fph/common/log.h"
+#include "fph/daemon/session.h"
+
+namespace fph::daemon {
+
+namespace vq = proto::vq;
+using proto::balloon::QueueRole;
+using reclaim::SkipReason;
+
+size_t RequestPlan::targets() const {
+  size_t n = 0;
+  for (const auto& v : per_node) n += v.size();
+  return n;
+}
+
+namespace {
+
+constexpr uint64_t kHostPage = 4096;
+
+int node_for(const Translation& t, const reclaim::Topology& topo) {
+  if (t.region->node >= 0) return t.region->node;
+  if (topo.node_count() <= 1) return 0;
+  return topo.node_of_address(t.host, 0);
+}
+
+// Adds one guest range to the plan after checking it lies inside one region
+// and is aligned to the host page size. Hugetlb ranges are passed on whole:
+// the discard engine rounds them inward to huge pages and counts the rest.
+void add_range(RequestPlan& plan, uint16_t head, size_t idx, uint64_t gpa, uint64_t len,
+               const MemoryTable& table, SkipReason session_skip, const reclaim::Topology& topo) {
+  if (len == 0) return;
+  auto t = table.translate_range(gpa, len);
+  if (!t) {
+    plan.invalid_bytes += len;
+    plan.skipped.push_back({SkipReason::Invalid, len});
+    plan.error_reasons.push_back(std::string("range_") + std::string(to_string(t.error())));
+    plan.errors.push_back(fmt::format("chain head {} buffer {}: range [0x{:x}, +0x{:x}) {}", head,
+                                      idx, gpa, len, to_string(t.error())));
+    return;
+  }
+  const int node = node_for(*t, topo);
+  plan.reported_per_node[node] += len;
+  if (!is_aligned(gpa, kHostPage) || !is_aligned(len, kHostPage)) {
+    plan.skipped.push_back({SkipReason::Misaligned, len});
+    return;
+  }
+  if (session_skip != SkipReason::None) {
+    plan.skipped.push_back({session_skip, len});
+    return;
+  }
+  const auto& r = *t->region;
+  reclaim::DiscardTarget d;
+  d.fd = r.fd.get();
+  d.fd_offset = r.desc.mmap_offset + t->region_offset;
+  d.addr = t->host;
+  d.length = len;
+  d.backing = r.backing;
+  d.page_size = r.page_size;
+  d.node = node;
+  plan.per_node[node].push_back(d);
+  if (std::find(plan.regions.begin(), plan.regions.end(), t->region) == plan.regions.end())
+    plan.regions.push_back(t->region);
+}
+
+}  // namespace
+
+RequestPlan plan_request(const vq::Chain& chain, QueueRole role, const MemoryTable& table,
+                         SkipReason session_skip, const reclaim::Topology& topo) {
+  RequestPlan plan;
+  const int nodes = std::max(1, topo.node_count());
+  plan.per_node.resize(nodes);
+  plan.reported_per_node.assign(nodes, 0);
+
+  for (size_t i = 0; i < chain.buffers.size(); ++i) {
+    const auto& b = chain.buffers[i];
+    if (role == QueueRole::Reporting) {
+      // virtio 1.2 5.5.6.5: each reported range is one device-writable buffer.
+      if (!b.device_writable) {
+        plan.invalid_bytes += b.len;
+        plan.skipped.push_back({SkipReason::Invalid, b.len});
+        plan.error_reasons.push_back("reporting_buffer_not_writable");
+        plan.errors.push_back(fmt::format(
+            "chain head {} buffer {}: reporting buffer [0x{:x}, +0x{:x}) is not device-writable",
+            chain.head, i, b.gpa, b.len));
+        continue;
+      }
+      add_range(plan, chain.head, i, b.gpa, b.len, table, session_skip, topo);
+    } else if (role == QueueRole::Inflate) {
+      // virtio 1.2 5.5.6: inflate buffers are arrays of le32 page frame
+      // numbers (4 KiB units). The guest gave these pages to the host, so
+      // their backing may be dropped. The array is copied out once.
+      if (b.device_writable || b.len % 4 != 0) {
+        plan.error_reasons.push_back("inflate_buffer_invalid");
+        plan.errors.push_back(fmt::format("chain head {} buffer {}: inflate buffer of {} bytes{}",
+                                          chain.head, i, b.len,
+                                          b.device_writable ? " is device-writable" : ""));
+        continue;
+      }
+      const uint8_t* p = table.translate(b.gpa, b.len);
+      if (!p) {
+        plan.error_reasons.push_back("range_outside_guest_memory");
+        plan.errors.push_back(fmt::format("chain head {} buffer {}: pfn array outside guest memory",
+                                          chain.head, i));
+        continue;
+      }
+      std::vector<uint32_t> pfns(b.len / 4);
+      std::memcpy(pfns.data(), p, b.len);
+      // Merge runs of consecutive pfns into one range each.
+      size_t j = 0;
+      while (j < pfns.size()) {
+        size_t k = j + 1;
+        while (k < pfns.size() && pfns[k] == pfns[k - 1] + 1) ++k;
+        add_range(plan, chain.head, i, uint64_t{pfns[j]} << 12, uint64_t{k - j} << 12, table,
+                  session_skip, topo);
+        j = k;
+      }
+    }
+    // Deflate, stats and free-page-hint buffers need no host action: the
+    // chain is simply returned.
+  }
+  for (auto& v : plan.per_node) {
+    std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
+      return a.fd != b.fd ? a.fd < b.fd : a.fd_offset < b.fd_offset;
+    });
+  }
+  return plan;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// One chain taken off the ring, waiting for its node batches.
+struct PendingRequest {
+  std::shared_ptr<Session> session;
+  uint32_t queue = 0;
+  uint16_t head = 0;
+  Clock::time_point taken;
+  int first_node = 0;
+  std::atomic<int> batches_left{0};
+  std::atomic<uint64_t> discarded{0};
+  std::atomic<uint64_t> skipped{0};
+  std::atomic<bool> cancelled{false};
+  uint64_t reported = 0;
+  std::vector<std::shared_ptr<MappedRegion>> regions;  // keep mappings alive
+};
+
+void finish(PendingRequest& r) {
+  auto& m = r.session->metrics();
+  RequestOutcome o;
+  if (r.cancelled) o = RequestOutcome::Cancelled;
+  else if (r.discarded == 0) o = RequestOutcome::Skipped;
+  else if (r.skipped == 0) o = RequestOutcome::Discarded;
+  else o = RequestOutcome::Partial;
+  m.request_done(o);
+  const double secs = std::chrono::duration<double>(Clock::now() - r.taken).count();
+  r.session->context().metrics.observe_request_latency(r.first_node, secs);
+  r.session->return_chain(r.queue, r.head);
+}
+
+}  // namespace
+
+bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::mutex& mu,
+                   const std::shared_ptr<const MemoryTable>& table) {
+  auto& ctx = s.context();
+  auto& vm = s.metrics();
+  for (;;) {
+    uint16_t head = 0;
+    Expected<vq::Chain, vq::ChainError> walked;
+    SkipReason session_skip = SkipReason::None;
+    {
+      std::lock_guard lk(mu);
+      if (!vr.started) return true;
+      auto h = vr.ring.pop_avail();
+      if (!h) {
+        const auto& e = h.error();
+        log::error("queue", "vm={} vring {}: {}", s.name(), queue, e.message());
+        vm.protocol_error(std::string("chain_") + std::string(vq::to_string(e.code)));
+        if (e.code == vq::ChainErrc::AvailIndexJump) return false;
+        continue;  // the bad slot was consumed; there is no valid head to return
+      }
+      if (!*h) return true;
+      head = **h;
+      // The chain is copied out of guest memory once, here; nothing below
+      // reads the descriptor table again.
+      walked = vr.ring.walk(head, *table);
+      session_skip = s.skip_reason(queue);
+      s.taken_locked(queue);
+    }
+
+    if (!walked) {
+      // A structurally broken chain: none of its ranges can be trusted, so
+      // nothing is discarded, but the head is valid and is returned so the
+      // driver does not wait forever.
+      log::error("queue", "vm={} vring {}: invalid chain: {}", s.name(), queue,
+                 walked.error().message());
+      vm.protocol_error(std::string("chain_") + std::string(vq::to_string(walked.error().code)));
+      vm.request_done(RequestOutcome::Invalid);
+      s.return_chain(queue, head);
+      continue;
+    }
+
+    RequestPlan plan = plan_request(*walked, role, *table, session_skip, ctx.topology);
+    for (size_t i = 0; i < plan.errors.size(); ++i) {
+      log::error("queue", "vm={} vring {}: {}", s.name(), queue, plan.errors[i]);
+      vm.protocol_error(plan.error_reasons[i]);
+    }
+    for (size_t n = 0; n < plan.reported_per_node.size(); ++n)
+      if (plan.reported_per_node[n]) vm.reported(static_cast<int>(n), plan.reported_per_node[n]);
+    uint64_t pre_skipped = 0;
+    for (const auto& sk : plan.skipped) {
+      vm.skipped(sk.reason, sk.bytes);
+      pre_skipped += sk.bytes;
+    }
+
+    auto req = std::make_shared<PendingRequest>();
+    req->session = s.shared_from_this();
+    req->queue = queue;
+    req->head = head;
+    req->taken = Clock::now();
+    req->skipped = pre_skipped;
+    req->regions = std::move(plan.regions);
+    int batches = 0;
+    req->first_node = -1;
+    for (size_t n = 0; n < plan.per_node.size(); ++n) {
+      if (plan.per_node[n].empty()) continue;
+      ++batches;
+      if (req->first_node < 0) req->first_node = static_cast<int>(n);
+    }
+    if (req->first_node < 0) req->first_node = 0;
+    if (batches == 0) {
+      finish(*req);
+      continue;
+    }
+    req->batches_left = batches;
+    for (size_t n = 0; n < plan.per_node.size(); ++n) {
+      if (plan.per_node[n].empty()) continue;
+      uint64_t batch_bytes = 0;
+      for (const auto& t : plan.per_node[n]) batch_bytes += t.length;
+      reclaim::Batch b;
+      b.node = static_cast<int>(n);
+      b.ranges = std::move(plan.per_node[n]);
+      b.cancel = s.cancel_token();
+      b.on_done = [req, batch_bytes](reclaim::BatchResult&& r) {
+        auto& vm = req->session->metrics();
+        auto& metrics = req->session->context().metrics;
+        if (r.cancelled) {
+          req->cancelled = true;
+          vm.skipped(SkipReason::Cancelled, batch_bytes);
+          req->skipped += batch_bytes;
+        } else {
+          for (const auto& rr : r.ranges) {
+            const auto& o = rr.outcome;
+            vm.discarded(r.node, o.method, o.discarded_bytes);
+            vm.skipped(o.skip == SkipReason::None ? SkipReason::Failed : o.skip, o.skipped_bytes);
+            metrics.discard_syscalls(r.node, o.method, o.syscalls);
+            if (o.error != 0)
+              log::warn("discard", "vm={} node={} {} of {} bytes at offset 0x{:x} failed: {}",
+                        req->session->name(), r.node, reclaim::to_string(o.method),
+                        rr.target.length, rr.target.fd_offset, std::strerror(o.error));
+          }
+          req->discarded += r.discarded_bytes;
+          req->skipped += r.skipped_bytes;
+          metrics.observe_discard_duration(r.node, std::chrono::duration<double>(r.discard_time).count());
+        }
+        if (req->batches_left.fetch_sub(1) == 1) finish(*req);
+      };
+      ctx.pipelines.submit(std::move(b));
+    }
+  }
+}
+
+}  // namespace fph::daemon

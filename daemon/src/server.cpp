@@ -1,0 +1,229 @@
+#include "fph/daemon/server.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "fph/common/log.h"
+
+namespace fph::daemon {
+
+namespace {
+
+std::string first_field(const std::string& v) {
+  // QEMU: "-name guest=foo,debug-threads=on" or "-name foo,process=bar".
+  std::string s = v;
+  if (s.rfind("guest=", 0) == 0) s = s.substr(6);
+  return s.substr(0, s.find(','));
+}
+
+bool valid_name(const std::string& n) {
+  if (n.empty() || n.size() > 64) return false;
+  for (char c : n)
+    if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
+  return true;
+}
+
+Expected<UniqueFd, std::string> make_listener(const std::string& path, unsigned mode) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof(addr.sun_path)) return unexpected("socket path too long: " + path);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return unexpected(std::string("socket: ") + std::strerror(errno));
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+    return unexpected("bind " + path + ": " + std::strerror(errno));
+  ::chmod(path.c_str(), mode);
+  if (::listen(fd.get(), 64) != 0) return unexpected("listen " + path + ": " + std::strerror(errno));
+  return fd;
+}
+
+Expected<UniqueFd, std::string> connect_to(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof(addr.sun_path)) return unexpected("socket path too long: " + path);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+    return unexpected("connect " + path + ": " + std::strerror(errno));
+  return fd;
+}
+
+}  // namespace
+
+std::string name_from_cmdline(const std::vector<std::string>& argv) {
+  for (size_t i = 0; i < argv.size(); ++i) {
+    const std::string& a = argv[i];
+    std::string v;
+    if ((a == "-name" || a == "--name") && i + 1 < argv.size()) v = argv[i + 1];
+    else if (a.rfind("--name=", 0) == 0) v = a.substr(7);
+    else if (a.rfind("-name=", 0) == 0) v = a.substr(6);
+    else continue;
+    v = first_field(v);
+    if (valid_name(v)) return v;
+  }
+  return {};
+}
+
+std::string name_from_peer(int sock, uint64_t conn_no) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.pid <= 0)
+    return "conn-" + std::to_string(conn_no);
+  std::ifstream in("/proc/" + std::to_string(cred.pid) + "/cmdline", std::ios::binary);
+  std::vector<std::string> argv;
+  for (std::string arg; std::getline(in, arg, '\0');) argv.push_back(arg);
+  if (auto n = name_from_cmdline(argv); !n.empty()) return n;
+  std::ifstream comm("/proc/" + std::to_string(cred.pid) + "/comm");
+  std::string c;
+  std::getline(comm, c);
+  if (!valid_name(c)) c = "pid";
+  return c + "-" + std::to_string(cred.pid);
+}
+
+Server::Server(DaemonContext& ctx, ServerConfig cfg)
+    : ctx_(ctx), cfg_(std::move(cfg)), stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+Server::~Server() { stop(); }
+
+Expected<void, std::string> Server::start() {
+  for (const auto& p : cfg_.listen) {
+    auto fd = make_listener(p, cfg_.socket_mode);
+    if (!fd) return unexpected(fd.error());
+    listeners_.push_back({std::move(*fd), p, ""});
+  }
+  for (const auto& v : cfg_.vm_sockets) {
+    if (!valid_name(v.name)) return unexpected("invalid VM name '" + v.name + "'");
+    auto fd = make_listener(v.path, cfg_.socket_mode);
+    if (!fd) return unexpected(fd.error());
+    listeners_.push_back({std::move(*fd), v.path, v.name});
+  }
+  for (const auto& a : cfg_.attach)
+    if (!valid_name(a.name)) return unexpected("invalid VM name '" + a.name + "'");
+  if (!listeners_.empty()) accept_thread_ = std::thread([this] { accept_loop(); });
+  for (const auto& a : cfg_.attach) attach_threads_.emplace_back([this, a] { attach_loop(a); });
+  return {};
+}
+
+std::vector<std::string> Server::socket_paths() const {
+  std::vector<std::string> v;
+  for (const auto& l : listeners_) v.push_back(l.path);
+  return v;
+}
+
+std::string Server::unique_name(const std::string& base) {
+  // Called with mu_ held.
+  if (!sessions_.count(base)) return base;
+  for (int i = 2;; ++i) {
+    std::string n = base + "-" + std::to_string(i);
+    if (!sessions_.count(n)) return n;
+  }
+}
+
+void Server::run_session(UniqueFd sock, std::string base_name) {
+  std::shared_ptr<Session> s;
+  {
+    std::lock_guard lk(mu_);
+    if (stopping_) return;
+    const std::string name = unique_name(base_name);
+    s = std::make_shared<Session>(ctx_, std::move(sock), name);
+    sessions_[name] = s;
+  }
+  s->run();
+  std::lock_guard lk(mu_);
+  sessions_.erase(s->name());
+}
+
+void Server::accept_loop() {
+  std::vector<pollfd> fds;
+  for (const auto& l : listeners_) fds.push_back({l.fd.get(), POLLIN, 0});
+  fds.push_back({stop_fd_.get(), POLLIN, 0});
+  while (!stopping_) {
+    if (::poll(fds.data(), fds.size(), -1) < 0) {
+      if (errno == EINTR) continue;
+      log::error("server", "poll: {}", std::strerror(errno));
+      return;
+    }
+    if (fds.back().revents) return;
+    for (size_t i = 0; i + 1 < fds.size(); ++i) {
+      if (!(fds[i].revents & POLLIN)) continue;
+      UniqueFd c(::accept4(fds[i].fd, nullptr, nullptr, SOCK_CLOEXEC));
+      if (!c) {
+        log::warn("server", "accept on {}: {}", listeners_[i].path, std::strerror(errno));
+        continue;
+      }
+      const uint64_t n = ++conn_no_;
+      std::string name = listeners_[i].fixed_name.empty() ? name_from_peer(c.get(), n)
+                                                          : listeners_[i].fixed_name;
+      std::lock_guard lk(mu_);
+      if (stopping_) return;
+      session_threads_.emplace_back(
+          [this, c = std::move(c), name]() mutable { run_session(std::move(c), name); });
+    }
+  }
+}
+
+void Server::attach_loop(NamedPath target) {
+  // Connect out to a front end that listens (QEMU "server=on", fph-guest
+  // --listen), and again after it goes away, until fphd stops.
+  bool warned = false;
+  while (!stopping_) {
+    auto fd = connect_to(target.path);
+    if (!fd) {
+      if (!warned) log::info("server", "attach {}: {} (retrying)", target.name, fd.error());
+      warned = true;
+      pollfd p{stop_fd_.get(), POLLIN, 0};
+      ::poll(&p, 1, 200);
+      continue;
+    }
+    warned = false;
+    ++conn_no_;
+    run_session(std::move(*fd), target.name);
+    pollfd p{stop_fd_.get(), POLLIN, 0};
+    ::poll(&p, 1, 200);
+  }
+}
+
+void Server::stop() {
+  if (stopping_.exchange(true)) return;
+  uint64_t one = 1;
+  (void)!::write(stop_fd_.get(), &one, sizeof one);
+  // Sessions first: an attach thread is inside run_session() until its
+  // session ends.
+  {
+    std::lock_guard lk(mu_);
+    for (auto& [n, s] : sessions_) s->request_stop();
+  }
+  if (accept_thread_.joinable()) accept_thread_.join();
+  for (auto& t : attach_threads_)
+    if (t.joinable()) t.join();
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard lk(mu_);
+    for (auto& [n, s] : sessions_) s->request_stop();
+    threads = std::move(session_threads_);
+  }
+  for (auto& t : threads)
+    if (t.joinable()) t.join();
+  for (const auto& l : listeners_) ::unlink(l.path.c_str());
+}
+
+std::vector<std::shared_ptr<Session>> Server::sessions() const {
+  std::lock_guard lk(mu_);
+  std::vector<std::shared_ptr<Session>> v;
+  for (const auto& [n, s] : sessions_) v.push_back(s);
+  return v;
+}
+
+}  // namespace fph::daemon

@@ -1,0 +1,637 @@
+#include "fph/daemon/session.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "fph/common/checked.h"
+#include "fph/common/log.h"
+#include "fph/daemon/queue_service.h"
+
+namespace fph::daemon {
+
+namespace vu = proto::vu;
+namespace balloon = proto::balloon;
+using vu::Request;
+
+std::string_view to_string(SessionState s) {
+  switch (s) {
+    case SessionState::Negotiating: return "negotiating";
+    case SessionState::Active: return "active";
+    case SessionState::Stopped: return "stopped";
+    case SessionState::Closing: return "closing";
+  }
+  return "?";
+}
+
+Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
+    : ctx_(ctx),
+      sock_(std::move(sock)),
+      wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      name_(std::move(name)),
+      vm_metrics_(std::make_unique<VmMetrics>(ctx.metrics, name_, ctx.topology.node_count())) {
+  ctx_.metrics.session_opened();
+}
+
+Session::~Session() { ctx_.metrics.session_closed(); }
+
+void Session::request_stop() {
+  stopping_ = true;
+  if (sock_) ::shutdown(sock_.get(), SHUT_RDWR);
+  uint64_t one = 1;
+  if (wake_) (void)!::write(wake_.get(), &one, sizeof one);
+}
+
+void Session::set_paused(bool p) {
+  paused_ = p;
+  log::info("session", "vm={} reclaim {}", name_, p ? "paused" : "resumed");
+}
+
+SessionInfo Session::info() const {
+  std::lock_guard lk(mu_);
+  SessionInfo i;
+  i.name = name_;
+  i.features = features_;
+  i.protocol_features = protocol_features_;
+  i.status = status_;
+  i.regions = table_->regions().size();
+  i.memory_bytes = table_->total_bytes();
+  i.inflight = inflight_total_;
+  i.paused = paused_;
+  i.poison_val = config_.poison_val;
+  return i;
+}
+
+reclaim::SkipReason Session::skip_reason(uint32_t queue) const {
+  // Called with mu_ held by the queue service.
+  if ((features_ & balloon::kFPagePoison) && config_.poison_val != 0)
+    return reclaim::SkipReason::Poisoned;  // a discarded page would read 0, not poison_val
+  if (paused_) return reclaim::SkipReason::Paused;
+  if (queue < kMaxQueues && !vrings_[queue].enabled)
+    return reclaim::SkipReason::Stopped;  // started + disabled: no side effects (vu-doc)
+  return reclaim::SkipReason::None;
+}
+
+void Session::run() {
+  log::info("session", "vm={} connected", name_);
+  while (!stopping_ && serve_one()) {
+  }
+  // Teardown: nothing taken is left behind. Queued work of a disconnected
+  // guest is cancelled (nobody waits for it), running work finishes.
+  cancel_->store(true);
+  ::shutdown(sock_.get(), SHUT_RDWR);  // the peer sees EOF now, not when we are destroyed
+  std::unique_lock lk(mu_);
+  for (auto& v : vrings_) v.started = false;
+  cv_.wait(lk, [&] { return inflight_total_ == 0; });
+  log::info("session", "vm={} disconnected", name_);
+}
+
+bool Session::serve_one() {
+  std::vector<pollfd> fds;
+  fds.push_back({sock_.get(), POLLIN, 0});
+  fds.push_back({wake_.get(), POLLIN, 0});
+  std::vector<uint32_t> kick_queue;
+  {
+    std::lock_guard lk(mu_);
+    for (uint32_t i = 0; i < kMaxQueues; ++i) {
+      if (vrings_[i].started && vrings_[i].kick) {
+        fds.push_back({vrings_[i].kick.get(), POLLIN, 0});
+        kick_queue.push_back(i);
+      }
+    }
+  }
+  int n = ::poll(fds.data(), fds.size(), -1);
+  if (n < 0) {
+    if (errno == EINTR) return true;
+    log::error("session", "vm={} poll: {}", name_, std::strerror(errno));
+    return false;
+  }
+  if (fds[1].revents) return false;  // request_stop
+  for (size_t i = 2; i < fds.size(); ++i) {
+    if (fds[i].revents & POLLIN) {
+      uint64_t v;
+      (void)!::read(fds[i].fd, &v, sizeof v);
+      service_kick(kick_queue[i - 2]);
+    }
+  }
+  if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+    auto msg = vu::recv_message(sock_.get());
+    if (!msg) {
+      const auto& e = msg.error();
+      if (e.code == vu::ChannelErrc::Closed) return false;
+      if (e.code == vu::ChannelErrc::TooManyFds) {
+        // The header was valid and the payload consumed: framing is intact,
+        // so only this message is refused.
+        log::error("session", "vm={} message refused: {}", name_, e.message());
+        vm_metrics_->protocol_error("too_many_fds");
+        return true;
+      }
+      if (e.code == vu::ChannelErrc::Protocol) {
+        log::error("session", "vm={} bad message header, closing: {}", name_, e.message());
+        vm_metrics_->protocol_error("bad_header");
+        return false;
+      }
+      if (!stopping_) log::warn("session", "vm={} socket error, closing: {}", name_, e.message());
+      return false;
+    }
+    return handle(*msg);
+  }
+  return true;
+}
+
+void Session::fail(const vu::Message& m, const std::string& reason, const std::string& detail) {
+  log::error("session", "vm={} {}: {}", name_, vu::request_name(m.header.request), detail);
+  vm_metrics_->protocol_error(reason);
+}
+
+void Session::send_ack(const vu::Message& m, bool ok) {
+  // REPLY_ACK (vu-doc): with the feature negotiated, NEED_REPLY asks for a
+  // u64 status, 0 = success.
+  if (!m.header.need_reply()) return;
+  if (!(protocol_features_ & vu::protocol::bit(vu::protocol::kReplyAck))) return;
+  auto payload = vu::encode_u64(ok ? 0 : 1);
+  (void)vu::send_reply(sock_.get(), m.header.request, payload);
+}
+
+bool Session::send_reply_payload(const vu::Message& m, std::span<const uint8_t> payload) {
+  auto r = vu::send_reply(sock_.get(), m.header.request, payload);
+  if (!r) {
+    log::warn("session", "vm={} reply to {} failed: {}", name_, vu::request_name(m.header.request),
+              r.error().message());
+    return false;
+  }
+  return true;
+}
+
+void Session::set_table(std::shared_ptr<const MemoryTable> t) {
+  std::lock_guard lk(mu_);
+  table_ = std::move(t);
+  vm_metrics_->set_guest_memory(table_->total_bytes());
+}
+
+void Session::wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk) {
+  cv_.wait(lk, [&] { return vrings_[idx].inflight == 0; });
+}
+
+void Session::start_ring(uint32_t idx) {
+  std::lock_guard lk(mu_);
+  Vring& v = vrings_[idx];
+  if (!v.kick || !v.addr_set || v.num == 0) return;
+  const auto& a = v.addr;
+  const uint32_t num = v.num;
+  uint8_t* desc = table_->translate_user(a.desc_user_addr, proto::vq::desc_table_bytes(num));
+  uint8_t* avail = table_->translate_user(a.avail_user_addr, proto::vq::avail_ring_bytes(num));
+  uint8_t* used = table_->translate_user(a.used_user_addr, proto::vq::used_ring_bytes(num));
+  if (!desc || !avail || !used) {
+    log::error("session", "vm={} vring {}: ring addresses are not inside guest memory "
+               "(desc=0x{:x} avail=0x{:x} used=0x{:x}); ring not started",
+               name_, idx, a.desc_user_addr, a.avail_user_addr, a.used_user_addr);
+    vm_metrics_->protocol_error("ring_unmapped");
+    return;
+  }
+  v.ring = proto::vq::DeviceRing(static_cast<uint16_t>(num), desc, avail, used, v.base,
+                                 features_ & balloon::kFIndirectDesc, false);
+  v.ring.sync_used_idx();
+  v.ring_regions = table_->regions();
+  v.started = true;
+  log::debug("session", "vm={} vring {} ({}) started: num={} base={}", name_, idx,
+             balloon::to_string(layout_.role(idx)), num, v.base);
+}
+
+void Session::stop_ring(uint32_t idx) {
+  std::unique_lock lk(mu_);
+  Vring& v = vrings_[idx];
+  // GET_VRING_BASE: every taken request is returned before the ring stops
+  // (vu-doc: finish in-flight requests before stopping), so the driver never
+  // waits forever and nothing is discarded after the state is captured.
+  wait_inflight(idx, lk);
+  if (v.started) v.base = v.ring.next_avail();
+  v.started = false;
+  v.kick.reset();
+  v.ring_regions.clear();
+}
+
+void Session::reset_device() {
+  for (uint32_t i = 0; i < kMaxQueues; ++i) stop_ring(i);
+  std::lock_guard lk(mu_);
+  for (auto& v : vrings_) {
+    v.enabled = false;
+    v.base = 0;
+    v.addr_set = false;
+    v.num = 0;
+  }
+}
+
+void Session::service_kick(uint32_t idx) {
+  std::shared_ptr<const MemoryTable> table;
+  balloon::QueueRole role;
+  {
+    std::lock_guard lk(mu_);
+    if (!vrings_[idx].started) return;
+    table = table_;
+    role = layout_.role(idx);
+  }
+  if (!service_queue(*this, idx, role, vrings_[idx], mu_, table)) {
+    log::error("session", "vm={} vring {} is broken (avail index moved past the ring); closing",
+               name_, idx);
+    request_stop();
+  }
+}
+
+void Session::taken_locked(uint32_t queue) {
+  vrings_[queue].inflight++;
+  inflight_total_++;
+  vm_metrics_->set_inflight(inflight_total_);
+}
+
+void Session::return_chain(uint32_t queue, uint16_t head) {
+  std::lock_guard lk(mu_);
+  Vring& v = vrings_[queue];
+  const uint16_t old = v.ring.used_idx();
+  v.ring.push_used(head, 0);  // the device writes nothing into reported pages
+  v.requests++;
+  if (v.call && v.ring.should_notify(old)) {
+    uint64_t one = 1;
+    (void)!::write(v.call.get(), &one, sizeof one);
+  }
+  v.inflight--;
+  inflight_total_--;
+  vm_metrics_->set_inflight(inflight_total_);
+  cv_.notify_all();
+}
+
+bool Session::handle(vu::Message& m) {
+  const uint32_t req = m.header.request;
+  const auto payload = std::span<const uint8_t>(m.payload);
+  const std::string rname = vu::request_name(req);
+
+  if (m.header.is_reply()) {
+    fail(m, "unexpected_reply", "front end sent a message with the REPLY flag");
+    return true;
+  }
+  // File descriptor count first: a message with the wrong number of fds is
+  // refused as a whole (its fds are closed when `m` goes away).
+  if (req >= 1 && req <= vu::kMaxRequest) {
+    auto want = vu::expected_fds(req, payload);
+    if (!want) {
+      fail(m, "bad_payload", want.error().message());
+      send_ack(m, false);
+      return true;
+    }
+    const bool rem_ok = req == static_cast<uint32_t>(Request::RemMemReg) && m.fds.size() <= 1;
+    if (m.fds.size() != *want && !rem_ok) {
+      fail(m, "bad_fd_count",
+           fmt::format("carries {} file descriptors, expected {}", m.fds.size(), *want));
+      send_ack(m, false);
+      return true;
+    }
+  }
+
+  auto bad = [&](const proto::ParseError& e) {
+    fail(m, "bad_payload", e.message());
+    send_ack(m, false);
+    return true;
+  };
+
+  switch (static_cast<Request>(req)) {
+    case Request::GetFeatures:
+      return send_reply_payload(m, vu::encode_u64(kOfferedFeatures));
+
+    case Request::SetFeatures: {
+      auto f = vu::parse_u64(payload, "features");
+      if (!f) return bad(f.error());
+      if (*f & ~kOfferedFeatures) {
+        fail(m, "features_not_offered",
+             fmt::format("acked features 0x{:x} include bits we did not offer (0x{:x})",
+                         *f, *f & ~kOfferedFeatures));
+        send_ack(m, false);
+        return true;
+      }
+      std::lock_guard lk(mu_);
+      features_ = *f;
+      features_set_ = true;
+      layout_ = balloon::queue_layout(features_);
+      // Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled at once
+      // (vu-doc "Ring states").
+      if (!(features_ & vu::feature::kProtocolFeatures))
+        for (auto& v : vrings_) v.enabled = true;
+      log::info("session", "vm={} features 0x{:x} ({}reporting{}, reporting queue {})", name_,
+                features_, (features_ & balloon::kFReporting) ? "" : "no ",
+                (features_ & balloon::kFPagePoison) ? ", page poison" : "", layout_.reporting);
+      break;
+    }
+
+    case Request::GetProtocolFeatures:
+      return send_reply_payload(m, vu::encode_u64(kOfferedProtocolFeatures));
+
+    case Request::SetProtocolFeatures: {
+      auto f = vu::parse_u64(payload, "protocol_features");
+      if (!f) return bad(f.error());
+      if (*f & ~kOfferedProtocolFeatures) {
+        fail(m, "features_not_offered",
+             fmt::format("protocol features 0x{:x} include bits we did not offer", *f));
+        // Keep what we understand; the front end must not use the rest.
+      }
+      std::lock_guard lk(mu_);
+      protocol_features_ = *f & kOfferedProtocolFeatures;
+      break;
+    }
+
+    case Request::SetOwner:
+      break;
+
+    case Request::ResetOwner:
+    case Request::ResetDevice:
+      reset_device();
+      break;
+
+    case Request::SetMemTable: {
+      auto regions = vu::parse_mem_table(payload);
+      if (!regions) return bad(regions.error());
+      std::vector<std::shared_ptr<MappedRegion>> mapped;
+      for (size_t i = 0; i < regions->size(); ++i) {
+        auto r = map_region((*regions)[i], std::move(m.fds[i]), ctx_.topology);
+        if (!r) {
+          fail(m, "map_failed", fmt::format("regions[{}]: {}", i, r.error()));
+          send_ack(m, false);
+          return true;
+        }
+        mapped.push_back(std::move(*r));
+      }
+      auto t = std::make_shared<MemoryTable>(std::move(mapped));
+      log::info("session", "vm={} memory table: {} regions, {} MiB", name_, t->regions().size(),
+                t->total_bytes() >> 20);
+      set_table(std::move(t));
+      break;
+    }
+
+    case Request::AddMemReg: {
+      auto r = vu::parse_single_region(payload);
+      if (!r) return bad(r.error());
+      std::shared_ptr<const MemoryTable> cur;
+      {
+        std::lock_guard lk(mu_);
+        cur = table_;
+      }
+      if (cur->regions().size() >= vu::kMaxMemSlots) {
+        fail(m, "too_many_regions", fmt::format("already {} regions", cur->regions().size()));
+        send_ack(m, false);
+        return true;
+      }
+      if (cur->overlaps(*r)) {
+        fail(m, "bad_payload",
+             fmt::format("region.guest_phys_addr: [0x{:x}, +0x{:x}) overlaps an existing region",
+                         r->guest_phys_addr, r->memory_size));
+        send_ack(m, false);
+        return true;
+      }
+      auto mr = map_region(*r, std::move(m.fds[0]), ctx_.topology);
+      if (!mr) {
+        fail(m, "map_failed", mr.error());
+        send_ack(m, false);
+        return true;
+      }
+      auto regions = cur->regions();
+      regions.push_back(std::move(*mr));
+      auto t = std::make_shared<MemoryTable>(std::move(regions));
+      log::info("session", "vm={} added region gpa=0x{:x} size={} MiB ({} total)", name_,
+                r->guest_phys_addr, r->memory_size >> 20, t->regions().size());
+      set_table(std::move(t));
+      break;
+    }
+
+    case Request::RemMemReg: {
+      auto r = vu::parse_single_region(payload);
+      if (!r) return bad(r.error());
+      std::shared_ptr<const MemoryTable> cur;
+      {
+        std::lock_guard lk(mu_);
+        cur = table_;
+      }
+      const int i = cur->find(*r);
+      if (i < 0) {
+        fail(m, "bad_payload", fmt::format("region.guest_phys_addr: no region at 0x{:x} size 0x{:x}",
+                                           r->guest_phys_addr, r->memory_size));
+        send_ack(m, false);
+        return true;
+      }
+      auto regions = cur->regions();
+      regions.erase(regions.begin() + i);
+      // Work in flight keeps its own reference: the mapping goes away when
+      // the last discard on it finishes.
+      set_table(std::make_shared<MemoryTable>(std::move(regions)));
+      break;
+    }
+
+    case Request::SetVringNum: {
+      auto s = vu::parse_vring_state(payload);
+      if (!s) return bad(s.error());
+      if (s->index >= kMaxQueues || !proto::vq::valid_queue_size(s->num)) {
+        fail(m, "bad_payload",
+             fmt::format("vring_state: index {} num {} (need index < {} and a power of two <= 32768)",
+                         s->index, s->num, kMaxQueues));
+        send_ack(m, false);
+        return true;
+      }
+      std::lock_guard lk(mu_);
+      if (vrings_[s->index].started) {
+        fail(m, "ring_busy", fmt::format("vring {} is started", s->index));
+        send_ack(m, false);
+        return true;
+      }
+      vrings_[s->index].num = s->num;
+      break;
+    }
+
+    case Request::SetVringAddr: {
+      auto a = vu::parse_vring_addr(payload);
+      if (!a) return bad(a.error());
+      if (a->index >= kMaxQueues || !is_aligned(a->desc_user_addr, proto::vq::kDescAlign) ||
+          !is_aligned(a->avail_user_addr, proto::vq::kAvailAlign) ||
+          !is_aligned(a->used_user_addr, proto::vq::kUsedAlign)) {
+        fail(m, "bad_payload",
+             fmt::format("vring_addr: index {} or misaligned ring (desc 0x{:x}, avail 0x{:x}, used 0x{:x})",
+                         a->index, a->desc_user_addr, a->avail_user_addr, a->used_user_addr));
+        send_ack(m, false);
+        return true;
+      }
+      {
+        std::lock_guard lk(mu_);
+        vrings_[a->index].addr = *a;
+        vrings_[a->index].addr_set = true;
+      }
+      start_ring(a->index);  // no-op until the kick fd arrives
+      break;
+    }
+
+    case Request::SetVringBase: {
+      auto s = vu::parse_vring_state(payload);
+      if (!s) return bad(s.error());
+      if (s->index >= kMaxQueues || s->num > 0xffff) {
+        fail(m, "bad_payload", fmt::format("vring_state: index {} base {}", s->index, s->num));
+        send_ack(m, false);
+        return true;
+      }
+      std::lock_guard lk(mu_);
+      vrings_[s->index].base = static_cast<uint16_t>(s->num);
+      break;
+    }
+
+    case Request::GetVringBase: {
+      auto s = vu::parse_vring_state(payload);
+      if (!s) return bad(s.error());
+      if (s->index >= kMaxQueues) {
+        fail(m, "bad_payload", fmt::format("vring_state.index {} out of range", s->index));
+        // This message always gets a reply: answer with base 0.
+        return send_reply_payload(m, vu::encode_vring_state({s->index, 0}));
+      }
+      stop_ring(s->index);
+      uint16_t base;
+      {
+        std::lock_guard lk(mu_);
+        base = vrings_[s->index].base;
+      }
+      return send_reply_payload(m, vu::encode_vring_state({s->index, base}));
+    }
+
+    case Request::SetVringKick:
+    case Request::SetVringCall:
+    case Request::SetVringErr: {
+      auto p = vu::parse_vring_fd(payload);
+      if (!p) return bad(p.error());
+      if (p->index >= kMaxQueues) {
+        fail(m, "bad_payload", fmt::format("vring index {} out of range", p->index));
+        send_ack(m, false);
+        return true;
+      }
+      if (static_cast<Request>(req) == Request::SetVringKick) {
+        if (p->no_fd) {
+          fail(m, "unsupported", "polling mode (no kick fd) is not supported");
+          send_ack(m, false);
+          return true;
+        }
+        {
+          std::lock_guard lk(mu_);
+          vrings_[p->index].kick = std::move(m.fds[0]);
+        }
+        start_ring(p->index);
+        // A kick may have been missed while the ring was being set up.
+        service_kick(p->index);
+      } else {
+        std::lock_guard lk(mu_);
+        auto& slot = static_cast<Request>(req) == Request::SetVringCall ? vrings_[p->index].call
+                                                                         : vrings_[p->index].err;
+        slot = p->no_fd ? UniqueFd() : std::move(m.fds[0]);
+      }
+      break;
+    }
+
+    case Request::SetVringEnable: {
+      auto s = vu::parse_vring_state(payload);
+      if (!s) return bad(s.error());
+      if (s->index >= kMaxQueues || s->num > 1) {
+        fail(m, "bad_payload", fmt::format("vring_state: index {} enable {}", s->index, s->num));
+        send_ack(m, false);
+        return true;
+      }
+      std::lock_guard lk(mu_);
+      vrings_[s->index].enabled = s->num == 1;
+      break;
+    }
+
+    case Request::GetConfig: {
+      auto c = vu::parse_config(payload);
+      if (!c) {
+        fail(m, "bad_payload", c.error().message());
+        // GET_CONFIG always gets a reply; an empty one tells QEMU it failed.
+        vu::ConfigPayload empty;
+        return send_reply_payload(m, vu::encode_config(empty));
+      }
+      vu::ConfigPayload out = *c;
+      std::array<uint8_t, balloon::kConfigSize> bytes;
+      {
+        std::lock_guard lk(mu_);
+        bytes = balloon::encode_config(config_);
+      }
+      if (c->offset + c->size > balloon::kConfigSize) {
+        fail(m, "bad_payload",
+             fmt::format("config: offset {} + size {} beyond the {}-byte balloon config", c->offset,
+                         c->size, balloon::kConfigSize));
+        out.size = 0;
+        out.data.clear();
+        return send_reply_payload(m, vu::encode_config(out));
+      }
+      std::copy_n(bytes.begin() + c->offset, c->size, out.data.begin());
+      return send_reply_payload(m, vu::encode_config(out));
+    }
+
+    case Request::SetConfig: {
+      auto c = vu::parse_config(payload);
+      if (!c) return bad(c.error());
+      const bool migration = c->flags == 1;
+      if (c->offset + c->size > balloon::kConfigSize ||
+          (!migration && !balloon::driver_writable(c->offset, c->size))) {
+        fail(m, "bad_payload",
+             fmt::format("config: write of {} bytes at offset {} is not allowed", c->size, c->offset));
+        send_ack(m, false);
+        return true;
+      }
+      std::lock_guard lk(mu_);
+      auto bytes = balloon::encode_config(config_);
+      std::copy(c->data.begin(), c->data.end(), bytes.begin() + c->offset);
+      const uint32_t old_poison = config_.poison_val;
+      config_ = balloon::decode_config(bytes);
+      if (config_.poison_val != old_poison)
+        log::info("session", "vm={} poison_val=0x{:x}{}", name_, config_.poison_val,
+                  config_.poison_val ? ": reported pages will not be discarded" : "");
+      break;
+    }
+
+    case Request::GetMaxMemSlots:
+      return send_reply_payload(m, vu::encode_u64(vu::kMaxMemSlots));
+
+    case Request::GetQueueNum:
+      return send_reply_payload(m, vu::encode_u64(kMaxQueues));
+
+    case Request::SetStatus: {
+      auto s = vu::parse_u64(payload, "status");
+      if (!s) return bad(s.error());
+      if (*s > 0xff) {
+        fail(m, "bad_payload", fmt::format("status 0x{:x} does not fit in 8 bits", *s));
+        send_ack(m, false);
+        return true;
+      }
+      if (*s == 0) reset_device();  // virtio reset
+      std::lock_guard lk(mu_);
+      status_ = static_cast<uint8_t>(*s);
+      break;
+    }
+
+    case Request::GetStatus: {
+      uint8_t st;
+      {
+        std::lock_guard lk(mu_);
+        st = status_;
+      }
+      return send_reply_payload(m, vu::encode_u64(st));
+    }
+
+    default:
+      if (req == 0 || req > vu::kMaxRequest) {
+        fail(m, "unknown_request", fmt::format("unknown request id {}", req));
+      } else {
+        fail(m, "unsupported", "request not supported by this back end (feature not offered)");
+      }
+      send_ack(m, false);
+      return true;
+  }
+  send_ack(m, true);
+  (void)rname;
+  return true;
+}
+
+}  // namespace fph::daemon
