@@ -1,0 +1,76 @@
+// fph-guest as a whole: guest memory + buddy model + balloon driver +
+// workload thread, with JSON-lines events on stdout and an exit code:
+//   0 ran and verified clean, 1 usage/setup error, 2 connection lost,
+//   3 corruption detected.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "fph/common/expected.h"
+#include "fph/guest/workload.h"
+
+namespace fph::guest {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitSetup = 1;
+inline constexpr int kExitConnectionLost = 2;
+inline constexpr int kExitCorruption = 3;
+
+struct Config {
+  std::string connect_path;  // exactly one of connect_path / listen_path
+  std::string listen_path;
+  std::string name;          // default "fph-guest-<pid>"
+  std::chrono::milliseconds connect_timeout{30000};
+
+  uint64_t memory = 256ull << 20;
+  uint32_t regions = 1;
+  uint64_t gpa_base = 0;
+  uint64_t mmap_offset = 0;
+  bool hugetlb = false;
+  std::optional<int> numa_node;
+
+  int reporting_order = 9;
+  std::chrono::milliseconds reporting_delay{2000};
+  size_t capacity = 32;
+  int max_inflight = 1;
+  bool no_reporting = false;
+  std::optional<uint32_t> poison;
+  bool mem_table = false;
+
+  WorkloadSpec workload;
+  uint64_t resident = 0;
+  int repeat = 1;
+  std::optional<std::chrono::milliseconds> duration;
+  bool exit_when_reported = false;
+  bool reconnect = false;
+  bool require_discard = false;  // reported pages not reading as free value -> exit 3
+  uint64_t seed = 1;
+};
+
+// Checks ranges and combinations; fills defaults (name).
+Expected<void, std::string> validate(Config& c);
+
+// Thread-safe JSON lines writer (one object per line, flushed).
+class EventSink {
+ public:
+  explicit EventSink(std::FILE* out = stdout) : out_(out) {}
+  void emit(const nlohmann::json& j);
+
+ private:
+  std::mutex mu_;
+  std::FILE* out_;
+};
+
+// Runs fph-guest until --duration, SIGTERM/SIGINT, --exit-when-reported, or
+// connection loss. Blocks SIGTERM/SIGINT in the calling thread (and the
+// threads it starts) and waits for them with a signalfd.
+int run(const Config& c, EventSink& events);
+
+}  // namespace fph::guest

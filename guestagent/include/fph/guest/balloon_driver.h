@@ -1,0 +1,143 @@
+// The virtio-balloon driver of fph-guest: Linux drivers/virtio/virtio_balloon.c
+// for the reporting queue (reference 1.4), over the vhost-user front end.
+//
+//  - PageReporting posts a request: one chain of device-writable buffers,
+//    one per isolated block (gpa, bytes), on the reporting ring; kick.
+//  - The driver thread waits on the call eventfd, the control socket (EOF =
+//    the back end is gone), a wake eventfd and PageReporting's next deadline.
+//    On a call it pops every used element and completes its request
+//    (spurious calls, with nothing new in the used ring, are fine: reference 7).
+//  - Connection loss: without reconnect the thread ends with
+//    ConnectionLost; with reconnect it connects again, redoes the setup on
+//    fresh rings and re-posts the requests still in flight (their blocks
+//    stay isolated meanwhile, so nothing can allocate memory the old back
+//    end may still be discarding).
+//  - Stop: no new requests, wait (bounded) for in-flight ones, then the
+//    QEMU stop sequence (SET_VRING_ENABLE 0, GET_VRING_BASE per queue,
+//    checking the returned index against what we published), SET_STATUS 0.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "fph/common/unique_fd.h"
+#include "fph/guest/buddy.h"
+#include "fph/guest/frontend.h"
+#include "fph/guest/guest_memory.h"
+#include "fph/guest/page_reporting.h"
+#include "fph/proto/virtqueue.h"
+
+namespace fph::guest {
+
+// Ring sizes, by queue index in the dense layout inflate, deflate, reporting.
+inline constexpr uint16_t kInflateQueueSize = 128;  // QEMU's size; unused but valid
+inline constexpr uint16_t kDeflateQueueSize = 128;
+// Reporting ring: 32 like QEMU (Linux needs >= PAGE_REPORTING_CAPACITY),
+// more when capacity * max_inflight chains must fit at once.
+uint16_t reporting_queue_size(size_t capacity, int max_inflight);
+
+struct DriverOptions {
+  FrontendOptions frontend;
+  ReportingOptions reporting;
+  bool reconnect = false;
+  std::chrono::milliseconds drain_timeout{5000};  // waiting for in-flight requests on stop
+  std::chrono::milliseconds max_sleep{200};       // upper bound of one poll() wait
+};
+
+// Makes a new connection to the back end (connect or accept); `cancel` is
+// set when the driver is asked to stop.
+using Connector = std::function<FeResult<UniqueFd>(const std::atomic<bool>* cancel)>;
+
+struct DriverHooks {
+  // The device used request `r`; its blocks are still isolated.
+  std::function<void(const ReportRequest& r)> before_complete;
+  // After PageReporting::complete (blocks back on the free lists).
+  std::function<void(const ReportRequest& r)> after_complete;
+  std::function<void(const Negotiated& n, bool reconnected)> on_connected;
+};
+
+class BalloonDriver {
+ public:
+  enum class Exit { Running, Stopped, ConnectionLost, Error };
+
+  BalloonDriver(GuestMemory& mem, BuddyAllocator& buddy, std::mutex& zone, DriverOptions opts,
+                Connector connector, DriverHooks hooks);
+  ~BalloonDriver();
+  BalloonDriver(const BalloonDriver&) = delete;
+  BalloonDriver& operator=(const BalloonDriver&) = delete;
+
+  // First connection and full setup, on the caller's thread.
+  FeResult<Negotiated> connect();
+  // Starts the driver thread (after connect()).
+  void start();
+  // Workload freed a block of `order` (zone lock not held).
+  void notify_free(int order);
+  // Ask the thread to stop gracefully; join() waits for it.
+  void request_stop();
+  void join();
+  // Readable once the driver thread has finished (for the main loop's poll).
+  int done_fd() const { return done_fd_.get(); }
+  Exit exit_state() const { return exit_.load(); }
+  const std::string& exit_message() const { return exit_msg_; }
+
+  bool reporting_active() const { return reporting_ != nullptr && reporting_enabled_.load(); }
+  PageReporting* reporting() { return reporting_.get(); }
+  size_t inflight_requests() const;
+  uint64_t reconnects() const { return reconnects_.load(); }
+  uint64_t calls() const { return calls_.load(); }
+  uint64_t spurious_calls() const { return spurious_calls_.load(); }
+
+ private:
+  struct Queue {
+    proto::vq::DriverRing ring;
+    UniqueFd kick;
+    UniqueFd call;
+  };
+
+  FeResult<Negotiated> setup(UniqueFd sock, bool reconnected);
+  bool post(const ReportRequest& r);
+  void kick(Queue& q);
+  void drain_used();
+  void loop();
+  bool reconnect_loop();
+  void shutdown();
+  void drop_connection();
+  void finish(Exit e, std::string msg);
+
+  GuestMemory& mem_;
+  BuddyAllocator& buddy_;
+  std::mutex& zone_;
+  DriverOptions opts_;
+  Connector connector_;
+  DriverHooks hooks_;
+  std::unique_ptr<PageReporting> reporting_;
+  std::atomic<bool> reporting_enabled_{false};
+
+  // Owned by the driver thread once it runs (by the caller before).
+  std::unique_ptr<Frontend> fe_;
+  std::vector<Queue> queues_;
+  int report_q_ = -1;
+  std::map<uint16_t, uint64_t> head_to_id_;
+  mutable std::mutex req_mu_;                  // requests_ is read by other threads
+  std::map<uint64_t, ReportRequest> requests_;  // posted, not yet used
+
+  UniqueFd wake_fd_;
+  UniqueFd done_fd_;
+  std::atomic<bool> stop_{false};
+  std::atomic<Exit> exit_{Exit::Running};
+  std::string exit_msg_;
+  std::atomic<uint64_t> reconnects_{0};
+  std::atomic<uint64_t> calls_{0};
+  std::atomic<uint64_t> spurious_calls_{0};
+  std::thread thread_;
+};
+
+}  // namespace fph::guest

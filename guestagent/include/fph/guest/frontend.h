@@ -1,0 +1,137 @@
+// The vhost-user front end of fph-guest: the part QEMU's hw/virtio/vhost-user.c
+// plays for a real VM. It owns the control socket and speaks the setup and
+// stop sequences of reference section 4.5; it knows nothing of page reporting.
+//
+// Every request that has no reply payload is sent with NEED_REPLY once
+// REPLY_ACK is negotiated, and the u64 ack is checked (reference 4.1): a
+// non-zero ack is a Nack error naming the request.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "fph/common/expected.h"
+#include "fph/common/unique_fd.h"
+#include "fph/guest/guest_memory.h"
+#include "fph/proto/balloon.h"
+#include "fph/proto/channel.h"
+#include "fph/proto/vhost_user.h"
+
+namespace fph::guest {
+
+enum class FrontendErrc : uint8_t {
+  Closed,       // the back end closed the socket
+  Io,           // socket error
+  Timeout,      // connect/accept gave up
+  Cancelled,    // stop requested while waiting
+  Protocol,     // the back end sent something we cannot accept
+  Nack,         // REPLY_ACK with a non-zero status
+  Unsupported,  // the back end lacks something we need (VERSION_1, CONFIG for poison)
+  Setup,        // a local resource (socket, eventfd) could not be created
+};
+std::string_view to_string(FrontendErrc c);
+
+struct FrontendError {
+  FrontendErrc code = FrontendErrc::Io;
+  std::string message;
+  // True when the peer is gone (reconnect material), as opposed to a refusal.
+  bool connection_lost() const { return code == FrontendErrc::Closed || code == FrontendErrc::Io; }
+};
+template <class T>
+using FeResult = Expected<T, FrontendError>;
+
+// Connects to a listening vhost-user socket, retrying while it does not exist
+// or refuses (the daemon may be starting) until `timeout` or `*cancel`.
+FeResult<UniqueFd> connect_unix(const std::string& path, std::chrono::milliseconds timeout,
+                                const std::atomic<bool>* cancel = nullptr);
+
+// Server mode: fphd attaches to our socket (its "attach" command).
+class UnixListener {
+ public:
+  static FeResult<UnixListener> listen(const std::string& path);
+  UnixListener() = default;
+  UnixListener(UnixListener&&) noexcept = default;
+  UnixListener& operator=(UnixListener&&) noexcept = default;
+  ~UnixListener();
+  // Waits for one connection; timeout <= 0 waits until `*cancel`.
+  FeResult<UniqueFd> accept(std::chrono::milliseconds timeout,
+                            const std::atomic<bool>* cancel = nullptr);
+  const std::string& path() const { return path_; }
+
+ private:
+  UniqueFd fd_;
+  std::string path_;
+};
+
+struct FrontendOptions {
+  bool reporting = true;                // ask for VIRTIO_BALLOON_F_REPORTING
+  std::optional<uint32_t> poison;       // ask for PAGE_POISON and write poison_val
+  bool force_mem_table = false;         // SET_MEM_TABLE even with CONFIGURE_MEM_SLOTS
+};
+
+// What the two sides agreed on.
+struct Negotiated {
+  uint64_t device_features = 0;
+  uint64_t features = 0;
+  uint64_t device_protocol = 0;
+  uint64_t protocol = 0;
+  proto::balloon::QueueLayout layout;
+  proto::balloon::Config config;  // as read with GET_CONFIG (zero without CONFIG)
+  bool used_mem_table = false;    // SET_MEM_TABLE rather than ADD_MEM_REG
+  bool reporting() const { return features & proto::balloon::kFReporting; }
+  bool poison() const { return features & proto::balloon::kFPagePoison; }
+  bool has_protocol(int bit) const { return protocol & proto::vu::protocol::bit(bit); }
+};
+
+// The features we ask for given what the device offers (pure; for tests).
+// Mirrors Linux virtballoon_validate: with poisoning wanted but PAGE_POISON
+// not offered, REPORTING is dropped too (reference 1.1, 1.5).
+uint64_t choose_features(uint64_t offered, const FrontendOptions& o);
+uint64_t choose_protocol_features(uint64_t offered);
+
+class Frontend {
+ public:
+  explicit Frontend(UniqueFd sock) : sock_(std::move(sock)) {}
+  int fd() const { return sock_.get(); }
+  const Negotiated& negotiated() const { return neg_; }
+
+  // GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, the memory
+  // regions, GET_CONFIG, SET_CONFIG(poison_val), SET_STATUS(ACK|DRIVER|
+  // FEATURES_OK). The queues come next (setup_queue), then driver_ok().
+  FeResult<Negotiated> negotiate(const GuestMemory& mem, const FrontendOptions& o);
+  // SET_VRING_NUM, SET_VRING_BASE 0, SET_VRING_ADDR, SET_VRING_KICK,
+  // SET_VRING_CALL, SET_VRING_ENABLE 1 for queue `index` living in `ring`.
+  FeResult<void> setup_queue(uint32_t index, const RingArea& ring, const GuestMemory& mem,
+                             int kick_fd, int call_fd);
+  FeResult<void> driver_ok();
+  // Stop sequence for one queue (reference 4.5, QEMU's order):
+  // SET_VRING_ENABLE 0, then GET_VRING_BASE; returns the back end's next
+  // avail index.
+  FeResult<uint32_t> stop_queue(uint32_t index);
+  // SET_STATUS(0) if STATUS was negotiated (QEMU does it on stop).
+  FeResult<void> reset_status();
+
+  // Sends a request without a reply payload; waits for the ack when
+  // REPLY_ACK is negotiated.
+  FeResult<void> send(proto::vu::Request r, std::span<const uint8_t> payload,
+                      std::span<const int> fds = {});
+  // Sends a request that always has a reply and returns the reply payload
+  // after checking REPLY flag and request id.
+  FeResult<std::vector<uint8_t>> call(proto::vu::Request r, std::span<const uint8_t> payload);
+
+ private:
+  FeResult<proto::vu::Message> read_reply(proto::vu::Request r);
+  FeResult<uint64_t> call_u64(proto::vu::Request r);
+  FeResult<void> set_status(uint8_t status);
+
+  UniqueFd sock_;
+  Negotiated neg_;
+  bool reply_ack_ = false;
+  uint8_t status_ = 0;
+};
+
+}  // namespace fph::guest

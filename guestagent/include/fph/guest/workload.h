@@ -1,0 +1,130 @@
+// Workloads of fph-guest and the memory integrity checks that make them a
+// test of the back end: every allocated page carries a pattern derived from
+// (frame, generation) and is verified before it is freed; pages that come
+// back after a successful report must read as the free value (zero, or the
+// poison value when PAGE_POISON is negotiated: reference 1.5), which proves
+// the host really dropped (or rightly kept) their backing.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fph/common/expected.h"
+#include "fph/guest/buddy.h"
+#include "fph/guest/guest_memory.h"
+
+namespace fph::guest {
+
+// "4096", "64K", "512M", "1G", "2T" (binary units; optional trailing "iB"/"B").
+Expected<uint64_t, std::string> parse_size(std::string_view s);
+
+struct WorkloadSpec {
+  enum class Kind { None, AllocFree, Churn };
+  Kind kind = Kind::None;
+  uint64_t bytes = 0;
+  std::chrono::milliseconds hold{0};    // alloc-free: hold time
+  std::chrono::milliseconds duration{0};  // churn: run time
+  std::string text;
+};
+// "none", "alloc-free:SIZE[:HOLD_MS]", "churn:SIZE:SECONDS".
+Expected<WorkloadSpec, std::string> parse_workload(std::string_view s);
+
+struct IntegrityCounters {
+  std::atomic<uint64_t> corrupted_bytes{0};         // pattern or resident mismatches
+  std::atomic<uint64_t> reported_nonzero_bytes{0};  // reported pages not reading as the free value
+  std::atomic<uint64_t> reported_bytes_checked{0};  // reported pages checked on allocation
+  std::atomic<uint64_t> resident_checks{0};
+  std::atomic<uint64_t> verified_bytes{0};
+};
+
+// Pattern writing/verification and tracking of reported (discarded) frames.
+class MemoryChecker {
+ public:
+  MemoryChecker(const GuestMemory& mem, std::optional<uint32_t> poison);
+
+  // The 64-bit word `word` (0..511) of frame `frame` in generation `gen`.
+  static uint64_t pattern_word(uint64_t frame, uint64_t gen, size_t word);
+  void fill(uint64_t frame, int order, uint64_t gen) const;
+  // Number of bytes of the block that differ from the pattern.
+  uint64_t verify(uint64_t frame, int order, uint64_t gen) const;
+  // What a free page holds: 0, or poison_val repeated (PAGE_POISON).
+  uint64_t free_word() const { return free_word_; }
+  // With PAGE_POISON the driver writes poison_val into pages before they
+  // are freed/reported (reference 1.5); without it this is a no-op.
+  void poison(uint64_t frame, int order) const;
+  // Poisons every frame from `first_frame` on: at start-up all RAM is free
+  // (Linux poisons free pages as it frees them into the buddy at boot).
+  void poison_all(uint64_t first_frame) const;
+
+  // Called for a request the device used, while its blocks are still
+  // isolated: their frames must read as the free value until allocated.
+  void mark_reported(uint64_t frame, int order);
+  // Called right after allocating a block (before writing to it): counts
+  // the bytes of previously reported frames that do not read as the free
+  // value, and clears their marks. Returns {checked bytes, bad bytes}.
+  std::pair<uint64_t, uint64_t> check_allocated(uint64_t frame, int order);
+
+ private:
+  const GuestMemory& mem_;
+  uint64_t free_word_ = 0;
+  bool poisoning_ = false;
+  // One byte per frame. Ownership of a frame's byte follows the frame: the
+  // driver thread writes it while the block is isolated, the workload thread
+  // while it is allocated; every hand-over goes through the zone lock
+  // (isolate/putback/alloc), which orders the accesses.
+  std::vector<uint8_t> reported_;
+};
+
+struct Held {
+  uint64_t frame = 0;
+  int order = 0;
+  uint64_t gen = 0;
+  uint64_t bytes() const { return kFrameSize << order; }
+};
+
+struct WorkloadHooks {
+  std::function<void(int order)> notify_free;         // PageReporting::notify_free + wake
+  std::function<void(uint64_t bytes)> on_freed;       // a free phase finished
+};
+
+class Workload {
+ public:
+  Workload(BuddyAllocator& buddy, std::mutex& zone, MemoryChecker& checker,
+           IntegrityCounters& counters, WorkloadHooks hooks, uint64_t seed = 1);
+
+  // Allocates `bytes` in blocks of the largest order that fits (falling
+  // back to lower orders when the buddy has none), checks reported frames,
+  // fills every page with the pattern. Returns fewer bytes if memory runs out.
+  std::vector<Held> alloc_bytes(uint64_t bytes);
+  std::optional<Held> alloc_block(int order);
+  // Verifies, poisons (PAGE_POISON) and frees one block; counts mismatches.
+  void free_block(const Held& h);
+  void free_all(std::vector<Held>& blocks);
+  // Bytes that do not match their pattern (adds to corrupted_bytes).
+  uint64_t verify_all(const std::vector<Held>& blocks);
+
+  // Runs `spec` once (returns early on *stop).
+  void run(const WorkloadSpec& spec, const std::atomic<bool>& stop);
+
+ private:
+  void churn(const WorkloadSpec& spec, const std::atomic<bool>& stop);
+
+  BuddyAllocator& buddy_;
+  std::mutex& zone_;
+  MemoryChecker& checker_;
+  IntegrityCounters& counters_;
+  WorkloadHooks hooks_;
+  std::mt19937_64 rng_;
+  uint64_t next_gen_ = 1;
+  bool warned_oom_ = false;
+};
+
+}  // namespace fph::guest

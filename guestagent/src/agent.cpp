@@ -1,0 +1,290 @@
+#include "fph/guest/agent.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <thread>
+
+#include "fph/common/log.h"
+#include "fph/guest/balloon_driver.h"
+#include "fph/guest/frontend.h"
+#include "fph/guest/guest_memory.h"
+
+namespace fph::guest {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+void EventSink::emit(const json& j) {
+  const std::string line = j.dump();
+  std::lock_guard lk(mu_);
+  std::fwrite(line.data(), 1, line.size(), out_);
+  std::fputc('\n', out_);
+  std::fflush(out_);
+}
+
+Expected<void, std::string> validate(Config& c) {
+  auto bad = [](std::string s) { return Unexpected<std::string>{std::move(s)}; };
+  if (c.connect_path.empty() == c.listen_path.empty())
+    return bad("exactly one of --connect PATH or --listen PATH is required");
+  if (c.name.empty()) c.name = fmt::format("fph-guest-{}", ::getpid());
+  if (c.reporting_order < 0 || c.reporting_order > kMaxOrder)
+    return bad(fmt::format("--reporting-order must be 0..{}", kMaxOrder));
+  if (c.capacity < 1 || c.capacity > 1024) return bad("--capacity must be 1..1024");
+  if (c.max_inflight < 1) return bad("--max-inflight must be >= 1");
+  if (c.capacity * static_cast<size_t>(c.max_inflight) > 1024)
+    return bad("--capacity * --max-inflight must be <= 1024 (reporting ring size)");
+  if (c.reporting_delay.count() < 0) return bad("--reporting-delay-ms must be >= 0");
+  if (c.repeat < 1) return bad("--repeat must be >= 1");
+  if (c.regions < 1 || c.regions > 64) return bad("--regions must be 1..64");
+  if (c.mem_table && c.regions > 8) return bad("--mem-table carries at most 8 regions");
+  if (c.memory < (8ull << 20)) return bad("--memory must be at least 8M");
+  if (c.resident >= c.memory) return bad("--resident must be smaller than --memory");
+  if (c.duration && c.duration->count() <= 0) return bad("--duration must be > 0");
+  if (c.numa_node && *c.numa_node < 0) return bad("--numa-node must be >= 0");
+  return {};
+}
+
+namespace {
+
+// Bytes of the resident set that differ from their pattern.
+uint64_t verify_resident(const MemoryChecker& checker, const std::vector<Held>& resident) {
+  uint64_t bad = 0;
+  for (const auto& h : resident) bad += checker.verify(h.frame, h.order, h.gen);
+  return bad;
+}
+
+}  // namespace
+
+int run(const Config& c, EventSink& events) {
+  // Signals are taken synchronously by the main loop; block them before any
+  // thread starts so every thread inherits the mask.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+  UniqueFd sigfd(::signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!sigfd) {
+    log::error("agent", "signalfd: {}", std::strerror(errno));
+    return kExitSetup;
+  }
+
+  // Guest RAM and the allocator model.
+  GuestMemoryOptions mo;
+  mo.bytes = c.memory;
+  mo.regions = c.regions;
+  mo.gpa_base = c.gpa_base;
+  mo.hugetlb = c.hugetlb;
+  mo.numa_node = c.numa_node;
+  mo.mmap_offset = c.mmap_offset;
+  mo.ring_sizes = {kInflateQueueSize, kDeflateQueueSize,
+                   reporting_queue_size(c.capacity, c.max_inflight)};
+  auto memr = GuestMemory::create(mo);
+  if (!memr) {
+    log::error("agent", "guest memory: {}", memr.error());
+    return kExitSetup;
+  }
+  GuestMemory& mem = **memr;
+  BuddyAllocator buddy(mem.frames(), mem.reserved_frames());
+  std::mutex zone;
+  IntegrityCounters counters;
+  MemoryChecker checker(mem, c.poison);
+  checker.poison_all(mem.reserved_frames());
+
+  std::atomic<bool> stop_workload{false};
+  std::atomic<bool> workload_done{false};
+  BalloonDriver* driver_ptr = nullptr;
+  WorkloadHooks wh;
+  wh.notify_free = [&](int order) {
+    if (driver_ptr) driver_ptr->notify_free(order);
+  };
+  wh.on_freed = [&](uint64_t bytes) { events.emit({{"event", "workload_freed"}, {"bytes", bytes}}); };
+  Workload workload(buddy, zone, checker, counters, wh, c.seed);
+
+  // Resident set: allocated before the first reporting pass, never freed.
+  std::vector<Held> resident;
+  uint64_t resident_bytes = 0;
+  if (c.resident) {
+    resident = workload.alloc_bytes(c.resident);
+    for (const auto& h : resident) resident_bytes += h.bytes();
+    log::info("agent", "resident set: {} MiB in {} blocks", resident_bytes >> 20, resident.size());
+  }
+
+  // Transport.
+  std::optional<UnixListener> listener;
+  Connector connector;
+  if (!c.listen_path.empty()) {
+    auto l = UnixListener::listen(c.listen_path);
+    if (!l) {
+      log::error("agent", "{}", l.error().message);
+      return kExitSetup;
+    }
+    listener.emplace(std::move(*l));
+    log::info("agent", "listening on {}; waiting for the back end to attach", c.listen_path);
+    connector = [&](const std::atomic<bool>* cancel) {
+      return listener->accept(c.connect_timeout, cancel);
+    };
+  } else {
+    connector = [&](const std::atomic<bool>* cancel) {
+      return connect_unix(c.connect_path, c.connect_timeout, cancel);
+    };
+  }
+
+  DriverOptions dopt;
+  dopt.frontend.reporting = !c.no_reporting;
+  dopt.frontend.poison = c.poison;
+  dopt.frontend.force_mem_table = c.mem_table;
+  dopt.reporting.order = c.reporting_order;
+  dopt.reporting.capacity = c.capacity;
+  dopt.reporting.delay = c.reporting_delay;
+  dopt.reporting.max_inflight = c.max_inflight;
+  dopt.reconnect = c.reconnect;
+
+  DriverHooks hooks;
+  hooks.before_complete = [&](const ReportRequest& r) {
+    for (const auto& b : r.blocks) checker.mark_reported(b.frame, b.order);
+  };
+  hooks.after_complete = [&](const ReportRequest& r) {
+    uint64_t bytes = 0;
+    for (const auto& b : r.blocks) bytes += b.bytes();
+    events.emit({{"event", "report_done"}, {"id", r.id}, {"bytes", bytes},
+                 {"blocks", r.blocks.size()}});
+    // A discard wave just finished: the resident set must be untouched
+    // (DESIGN 3: nothing outside a reported range is ever discarded).
+    if (!resident.empty()) {
+      const uint64_t bad = verify_resident(checker, resident);
+      counters.resident_checks++;
+      if (bad) {
+        counters.corrupted_bytes += bad;
+        log::error("agent", "CORRUPTION: {} resident bytes changed after request {}", bad, r.id);
+      }
+    }
+  };
+  hooks.on_connected = [&](const Negotiated& n, bool reconnected) {
+    if (reconnected)
+      events.emit({{"event", "reconnected"}, {"features", n.features}});
+  };
+
+  BalloonDriver driver(mem, buddy, zone, dopt, connector, hooks);
+  driver_ptr = &driver;
+  auto neg = driver.connect();
+  if (!neg) {
+    log::error("agent", "vhost-user setup failed ({}): {}", to_string(neg.error().code),
+               neg.error().message);
+    return neg.error().connection_lost() ? kExitConnectionLost : kExitSetup;
+  }
+  events.emit({{"event", "ready"},
+               {"name", c.name},
+               {"pid", ::getpid()},
+               {"memory_bytes", mem.size()},
+               {"regions", mem.regions().size()},
+               {"features", neg->features},
+               {"protocol_features", neg->protocol},
+               {"reporting", neg->reporting()},
+               {"poison", neg->poison() ? json(neg->config.poison_val) : json(nullptr)},
+               {"reporting_order", c.reporting_order},
+               {"resident_bytes", resident_bytes}});
+  driver.start();
+
+  std::thread wthread([&] {
+    for (int i = 0; i < c.repeat && !stop_workload.load(); ++i) workload.run(c.workload, stop_workload);
+    workload_done.store(true);
+    if (c.workload.kind != WorkloadSpec::Kind::None)
+      log::info("agent", "workload done ({} run(s))", c.repeat);
+  });
+
+  const auto started = Clock::now();
+  std::string reason = "signal";
+  for (;;) {
+    pollfd p[2] = {{sigfd.get(), POLLIN, 0}, {driver.done_fd(), POLLIN, 0}};
+    const int n = ::poll(p, 2, 50);
+    if (n < 0 && errno != EINTR) {
+      log::error("agent", "poll: {}", std::strerror(errno));
+      reason = "error";
+      break;
+    }
+    if (n > 0 && p[0].revents) {
+      signalfd_siginfo si{};
+      (void)!::read(sigfd.get(), &si, sizeof si);
+      log::info("agent", "{} received, shutting down", strsignal(static_cast<int>(si.ssi_signo)));
+      reason = "signal";
+      break;
+    }
+    if (n > 0 && p[1].revents) {
+      reason = driver.exit_state() == BalloonDriver::Exit::ConnectionLost ? "connection_lost"
+                                                                          : "driver_stopped";
+      break;
+    }
+    if (c.duration && Clock::now() - started >= *c.duration) {
+      reason = "duration";
+      break;
+    }
+    if (c.exit_when_reported && workload_done.load()) {
+      bool done = true;
+      if (driver.reporting_active()) {
+        std::lock_guard lk(zone);
+        // Isolated frames count as work: between isolating and posting a
+        // request there is a moment with nothing in the driver's map.
+        done = buddy.unreported_candidate_frames(c.reporting_order) == 0 &&
+               buddy.stats().isolated_frames == 0;
+      }
+      done = done && driver.inflight_requests() == 0;
+      if (done) {
+        reason = "reported";
+        break;
+      }
+    }
+  }
+
+  stop_workload.store(true);
+  wthread.join();
+  driver.request_stop();
+  driver.join();
+  driver_ptr = nullptr;
+
+  if (!resident.empty()) {
+    const uint64_t bad = verify_resident(checker, resident);
+    counters.resident_checks++;
+    if (bad) {
+      counters.corrupted_bytes += bad;
+      log::error("agent", "CORRUPTION: {} resident bytes changed (final check)", bad);
+    }
+  }
+
+  const auto rs = driver.reporting()->stats();
+  int code = kExitOk;
+  if (driver.exit_state() == BalloonDriver::Exit::ConnectionLost) code = kExitConnectionLost;
+  else if (driver.exit_state() == BalloonDriver::Exit::Error) code = kExitSetup;
+  if (counters.corrupted_bytes.load() > 0 ||
+      (c.require_discard && counters.reported_nonzero_bytes.load() > 0))
+    code = kExitCorruption;
+  events.emit({{"event", "summary"},
+               {"name", c.name},
+               {"reason", reason},
+               {"exit_code", code},
+               {"reported_bytes", rs.bytes_reported},
+               {"requests", rs.requests},
+               {"requests_failed", rs.requests_failed},
+               {"blocks_reported", rs.blocks_reported},
+               {"corrupted_bytes", counters.corrupted_bytes.load()},
+               {"reported_nonzero_bytes", counters.reported_nonzero_bytes.load()},
+               {"reported_bytes_checked", counters.reported_bytes_checked.load()},
+               {"resident_checks", counters.resident_checks.load()},
+               {"verified_bytes", counters.verified_bytes.load()},
+               {"reconnects", driver.reconnects()},
+               {"calls", driver.calls()},
+               {"spurious_calls", driver.spurious_calls()},
+               {"backing_bytes", mem.backing_bytes()}});
+  if (code == kExitConnectionLost)
+    log::error("agent", "exiting: {}", driver.exit_message());
+  return code;
+}
+
+}  // namespace fph::guest

@@ -1,0 +1,354 @@
+#include "fph/guest/balloon_driver.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstring>
+
+#include "fph/common/log.h"
+
+namespace fph::guest {
+
+namespace vq = proto::vq;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+Unexpected<FrontendError> fe_error(FrontendErrc c, std::string msg) {
+  return Unexpected<FrontendError>{FrontendError{c, std::move(msg)}};
+}
+
+void drain_eventfd(int fd) {
+  uint64_t v = 0;
+  while (::read(fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v)) {
+  }
+}
+
+void signal_eventfd(int fd) {
+  const uint64_t one = 1;
+  // EAGAIN only if the counter is at its maximum: a wakeup is pending anyway.
+  (void)!::write(fd, &one, sizeof one);
+}
+
+}  // namespace
+
+uint16_t reporting_queue_size(size_t capacity, int max_inflight) {
+  const uint64_t need = uint64_t{capacity} * static_cast<uint64_t>(std::max(max_inflight, 1));
+  uint64_t n = std::bit_ceil(std::max<uint64_t>(need, proto::balloon::kReportingQueueSize));
+  return static_cast<uint16_t>(std::min<uint64_t>(n, 1024));
+}
+
+BalloonDriver::BalloonDriver(GuestMemory& mem, BuddyAllocator& buddy, std::mutex& zone,
+                             DriverOptions opts, Connector connector, DriverHooks hooks)
+    : mem_(mem), buddy_(buddy), zone_(zone), opts_(std::move(opts)),
+      connector_(std::move(connector)), hooks_(std::move(hooks)),
+      wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      done_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  reporting_ = std::make_unique<PageReporting>(
+      buddy_, zone_, opts_.reporting, [this](const ReportRequest& r) { return post(r); });
+  // A pass newly due or a paused pass resumable: wake the driver thread.
+  reporting_->set_wakeup([this] { signal_eventfd(wake_fd_.get()); });
+}
+
+BalloonDriver::~BalloonDriver() {
+  request_stop();
+  join();
+}
+
+size_t BalloonDriver::inflight_requests() const {
+  std::lock_guard lk(req_mu_);
+  return requests_.size();
+}
+
+FeResult<Negotiated> BalloonDriver::connect() {
+  if (!wake_fd_ || !done_fd_)
+    return fe_error(FrontendErrc::Setup, fmt::format("eventfd: {}", std::strerror(errno)));
+  auto s = connector_(&stop_);
+  if (!s) return Unexpected<FrontendError>{s.error()};
+  // PageReporting's constructor already requested the initial pass over
+  // memory that is free at registration (reference 2, "Registration").
+  return setup(std::move(*s), false);
+}
+
+FeResult<Negotiated> BalloonDriver::setup(UniqueFd sock, bool reconnected) {
+  auto fe = std::make_unique<Frontend>(std::move(sock));
+  auto n = fe->negotiate(mem_, opts_.frontend);
+  if (!n) return n;
+  std::vector<Queue> queues(static_cast<size_t>(n->layout.count));
+  for (size_t q = 0; q < queues.size(); ++q) {
+    if (q >= mem_.ring_count())
+      return fe_error(FrontendErrc::Setup, fmt::format("no ring area for queue {}", q));
+    const RingArea& ra = mem_.ring(q);
+    auto* desc = mem_.translate(ra.desc_gpa, vq::desc_table_bytes(ra.num));
+    auto* avail = mem_.translate(ra.avail_gpa, vq::avail_ring_bytes(ra.num));
+    auto* used = mem_.translate(ra.used_gpa, vq::used_ring_bytes(ra.num));
+    // A fresh ring on every connection: a restarted back end has no state,
+    // so both sides start at index 0 (SET_VRING_BASE 0 below).
+    queues[q].ring = vq::DriverRing(ra.num, desc, avail, used);
+    queues[q].kick.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    queues[q].call.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!queues[q].kick || !queues[q].call)
+      return fe_error(FrontendErrc::Setup, fmt::format("eventfd: {}", std::strerror(errno)));
+    if (auto r = fe->setup_queue(static_cast<uint32_t>(q), ra, mem_, queues[q].kick.get(),
+                                 queues[q].call.get());
+        !r)
+      return Unexpected<FrontendError>{r.error()};
+  }
+  if (auto r = fe->driver_ok(); !r) return Unexpected<FrontendError>{r.error()};
+
+  fe_ = std::move(fe);
+  queues_ = std::move(queues);
+  report_q_ = n->layout.reporting;
+  head_to_id_.clear();
+  {
+    std::lock_guard lk(req_mu_);
+    requests_.clear();
+  }
+  reporting_enabled_ = n->reporting() && report_q_ >= 0;
+  log::info("driver", "{}: features {:#x} (device {:#x}), protocol {:#x}, {} queues, reporting "
+            "queue {}, memory via {}", reconnected ? "reconnected" : "connected", n->features,
+            n->device_features, n->protocol, n->layout.count, report_q_,
+            n->used_mem_table ? "SET_MEM_TABLE" : "ADD_MEM_REG");
+
+  // Requests that were in flight on the old connection: their blocks are
+  // still isolated; post them again on the new ring, or give them back
+  // unreported if the new back end does not do reporting.
+  const auto inflight = reporting_->inflight();
+  for (const auto& r : inflight) {
+    if (!(reporting_enabled_ && post(r))) reporting_->complete(r.id, false);
+  }
+  if (!inflight.empty())
+    log::info("driver", "re-posted {} in-flight reporting request(s)", inflight.size());
+  if (hooks_.on_connected) hooks_.on_connected(*n, reconnected);
+  return n;
+}
+
+bool BalloonDriver::post(const ReportRequest& r) {
+  if (!fe_ || report_q_ < 0 || static_cast<size_t>(report_q_) >= queues_.size()) return false;
+  std::vector<vq::Buffer> bufs;
+  bufs.reserve(r.blocks.size());
+  for (const auto& b : r.blocks) {
+    // One device-writable buffer per block, as virtballoon_free_page_report
+    // does with virtqueue_add_inbuf (reference 1.4). A block is at most
+    // 4 MiB, so its length fits the descriptor's le32.
+    bufs.push_back(vq::Buffer{mem_.frame_gpa(b.frame), static_cast<uint32_t>(b.bytes()), true});
+  }
+  Queue& q = queues_[static_cast<size_t>(report_q_)];
+  auto head = q.ring.add_chain(bufs);
+  if (!head) {
+    log::warn("driver", "reporting ring full ({} free descriptors, {} needed)",
+              q.ring.free_count(), bufs.size());
+    return false;
+  }
+  head_to_id_[*head] = r.id;
+  {
+    std::lock_guard lk(req_mu_);
+    requests_[r.id] = r;
+  }
+  log::debug("driver", "posted request {} ({} blocks) at head {}", r.id, r.blocks.size(), *head);
+  kick(q);
+  return true;
+}
+
+void BalloonDriver::kick(Queue& q) {
+  if (!q.ring.kick_suppressed()) signal_eventfd(q.kick.get());
+}
+
+void BalloonDriver::notify_free(int order) {
+  if (!reporting_enabled_) return;
+  reporting_->notify_free(order);  // wakes us through the wakeup hook if a pass got scheduled
+}
+
+void BalloonDriver::drain_used() {
+  for (size_t qi = 0; qi < queues_.size(); ++qi) {
+    auto& q = queues_[qi];
+    while (auto u = q.ring.pop_used()) {
+      if (static_cast<int>(qi) != report_q_) {
+        log::warn("driver", "queue {}: used element {} for a buffer we never posted", qi, u->id);
+        continue;
+      }
+      auto it = head_to_id_.find(static_cast<uint16_t>(u->id));
+      if (it == head_to_id_.end()) {
+        log::warn("driver", "reporting queue: used head {} is not in flight; ignored", u->id);
+        continue;
+      }
+      const uint64_t id = it->second;
+      head_to_id_.erase(it);
+      ReportRequest req;
+      {
+        std::lock_guard lk(req_mu_);
+        auto rit = requests_.find(id);
+        if (rit != requests_.end()) {
+          req = std::move(rit->second);
+          requests_.erase(rit);
+        }
+      }
+      req.id = id;
+      // The device ignores nothing we could check: Linux also ignores the
+      // used length (reference 1.4). Using the chain means "done".
+      if (hooks_.before_complete) hooks_.before_complete(req);
+      reporting_->complete(id, true);
+      if (hooks_.after_complete) hooks_.after_complete(req);
+    }
+  }
+}
+
+void BalloonDriver::drop_connection() {
+  fe_.reset();
+  queues_.clear();
+  head_to_id_.clear();
+  report_q_ = -1;
+}
+
+void BalloonDriver::finish(Exit e, std::string msg) {
+  if (exit_.load() != Exit::Running) return;
+  exit_msg_ = std::move(msg);
+  exit_.store(e);
+  signal_eventfd(done_fd_.get());
+}
+
+void BalloonDriver::start() {
+  thread_ = std::thread([this] {
+    loop();
+    if (fe_ && stop_.load()) shutdown();
+    finish(Exit::Stopped, "stopped");
+  });
+}
+
+void BalloonDriver::request_stop() {
+  stop_.store(true);
+  if (wake_fd_) signal_eventfd(wake_fd_.get());
+}
+
+void BalloonDriver::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void BalloonDriver::loop() {
+  while (!stop_.load()) {
+    drain_used();
+    auto now = Clock::now();
+    auto next = Clock::time_point::max();
+    if (reporting_enabled_) next = reporting_->poll(now);
+    now = Clock::now();
+    auto wait = opts_.max_sleep;
+    if (next != Clock::time_point::max()) {
+      wait = std::min(wait, std::chrono::ceil<std::chrono::milliseconds>(
+                                std::max(next - now, Clock::duration::zero())));
+    }
+    pollfd p[3] = {{wake_fd_.get(), POLLIN, 0},
+                   {report_q_ >= 0 ? queues_[static_cast<size_t>(report_q_)].call.get() : -1,
+                    POLLIN, 0},
+                   {fe_->fd(), POLLIN, 0}};
+    const int n = ::poll(p, 3, static_cast<int>(wait.count()));
+    if (n < 0 && errno != EINTR) {
+      finish(Exit::Error, fmt::format("poll: {}", std::strerror(errno)));
+      return;
+    }
+    if (n <= 0) continue;
+    if (p[0].revents) drain_eventfd(wake_fd_.get());
+    if (p[1].revents) {
+      drain_eventfd(p[1].fd);
+      calls_++;
+      const uint16_t before = queues_[static_cast<size_t>(report_q_)].ring.last_used();
+      drain_used();
+      if (queues_.empty() ||
+          queues_[static_cast<size_t>(report_q_)].ring.last_used() == before)
+        spurious_calls_++;  // tolerated (reference 7, "Spurious calls")
+    }
+    if (p[2].revents) {
+      // Nothing is outstanding on the control socket while we run, so
+      // readability is EOF, an error, or a message we never asked for.
+      std::string why;
+      auto m = proto::vu::recv_message(fe_->fd());
+      if (!m) {
+        why = m.error().code == proto::vu::ChannelErrc::Closed ? "the back end closed the socket"
+                                                                : m.error().message();
+      } else {
+        why = fmt::format("unsolicited {} from the back end",
+                          proto::vu::request_name(m->header.request));
+      }
+      const size_t inflight = inflight_requests();
+      drop_connection();
+      if (!opts_.reconnect) {
+        log::error("driver", "connection lost: {} ({} request(s) in flight stay isolated)", why,
+                   inflight);
+        finish(Exit::ConnectionLost, "connection lost: " + why);
+        return;
+      }
+      log::warn("driver", "connection lost: {}; reconnecting ({} request(s) in flight stay "
+                "isolated)", why, inflight);
+      if (!reconnect_loop()) return;
+    }
+  }
+}
+
+bool BalloonDriver::reconnect_loop() {
+  while (!stop_.load()) {
+    auto s = connector_(&stop_);
+    if (!s) {
+      if (s.error().code == FrontendErrc::Cancelled) return false;
+      log::warn("driver", "reconnect: {}", s.error().message);
+    } else if (auto n = setup(std::move(*s), true); !n) {
+      log::warn("driver", "reconnect setup failed: {}", n.error().message);
+      drop_connection();
+    } else {
+      reconnects_++;
+      // New work may have arrived while disconnected; let a pass look.
+      reporting_->notify_free(kMaxOrder);
+      return true;
+    }
+    pollfd p{wake_fd_.get(), POLLIN, 0};
+    (void)::poll(&p, 1, 500);
+    if (p.revents) drain_eventfd(wake_fd_.get());
+  }
+  return false;
+}
+
+void BalloonDriver::shutdown() {
+  // 1. Wait (bounded) for the requests in flight: the back end finishes
+  //    them anyway before answering GET_VRING_BASE (reference 4.5), but we
+  //    want them completed and their blocks back on the free lists.
+  const auto deadline = Clock::now() + opts_.drain_timeout;
+  while (inflight_requests() > 0 && Clock::now() < deadline) {
+    pollfd p[2] = {{queues_[static_cast<size_t>(report_q_)].call.get(), POLLIN, 0},
+                   {fe_->fd(), POLLIN, 0}};
+    const int n = ::poll(p, 2, 50);
+    if (n > 0 && p[0].revents) drain_eventfd(p[0].fd);
+    drain_used();
+    if (n > 0 && p[1].revents) {
+      log::warn("driver", "back end closed the socket during shutdown");
+      drop_connection();
+      return;
+    }
+  }
+  if (const size_t left = inflight_requests(); left > 0)
+    log::warn("driver", "{} request(s) still in flight after {} ms; stopping the rings anyway",
+              left, opts_.drain_timeout.count());
+  // 2. Stop every ring and check where the device stopped: it must have
+  //    consumed everything we made available.
+  for (size_t q = 0; q < queues_.size(); ++q) {
+    auto base = fe_->stop_queue(static_cast<uint32_t>(q));
+    if (!base) {
+      log::warn("driver", "stopping queue {}: {}", q, base.error().message);
+      drop_connection();
+      return;
+    }
+    const uint16_t published = queues_[q].ring.avail_idx();
+    if ((*base & 0xffff) != published)
+      log::warn("driver", "queue {}: GET_VRING_BASE says next avail {}, we published {}", q,
+                *base, published);
+    else
+      log::debug("driver", "queue {} stopped at avail index {}", q, published);
+  }
+  drain_used();
+  if (auto s = fe_->reset_status(); !s) log::warn("driver", "SET_STATUS 0: {}", s.error().message);
+  log::info("driver", "rings stopped, closing the connection");
+  drop_connection();
+}
+
+}  // namespace fph::guest

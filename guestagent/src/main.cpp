@@ -1,0 +1,108 @@
+// fph-guest: parse the command line into a Config and run (STYLE 10: thin main).
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <iostream>
+
+#include "fph/common/log.h"
+#include "fph/guest/agent.h"
+#include "fph/guest/workload.h"
+
+int main(int argc, char** argv) {
+  using namespace fph::guest;
+  CLI::App app{"fph-guest: a user-space guest (vhost-user front end + virtio-balloon driver + "
+               "buddy model) that reports free memory to fphd"};
+  Config c;
+  std::string memory = "256M", resident = "0", workload = "none", poison, log_level = "info";
+  std::string gpa_base = "0", mmap_offset = "0";
+  double duration = 0, connect_timeout = 30;
+  int delay_ms = 2000;
+  int numa_node = -1;
+
+  auto* conn = app.add_option("--connect", c.connect_path, "connect to fphd's vhost-user socket");
+  auto* lis = app.add_option("--listen", c.listen_path,
+                             "create this socket and wait for fphd to attach");
+  conn->excludes(lis);
+  app.add_option("--name", c.name, "VM name (logs, events)");
+  app.add_option("--connect-timeout", connect_timeout,
+                 "seconds to wait for the socket / the back end to attach")
+      ->capture_default_str();
+  app.add_option("--memory", memory, "guest RAM size (e.g. 512M, 1G)")->capture_default_str();
+  app.add_option("--regions", c.regions, "number of memfd regions")->capture_default_str();
+  app.add_option("--gpa-base", gpa_base, "guest physical address of RAM (multiple of 4M)")
+      ->capture_default_str();
+  app.add_option("--mmap-offset", mmap_offset, "offset of each region inside its memfd")
+      ->capture_default_str();
+  app.add_flag("--hugetlb", c.hugetlb, "back RAM with MFD_HUGETLB (pages must be reserved)");
+  app.add_option("--numa-node", numa_node, "bind RAM to this host NUMA node (mbind)");
+  app.add_option("--reporting-order", c.reporting_order, "page_reporting_order (0..10)")
+      ->capture_default_str();
+  app.add_option("--reporting-delay-ms", delay_ms, "delay before a reporting pass")
+      ->capture_default_str();
+  app.add_option("--capacity", c.capacity, "blocks per reporting request")->capture_default_str();
+  app.add_option("--max-inflight", c.max_inflight, "reporting requests in flight at once")
+      ->capture_default_str();
+  app.add_flag("--no-reporting", c.no_reporting, "do not negotiate free page reporting");
+  app.add_option("--poison", poison, "negotiate PAGE_POISON with this poison_val (hex)");
+  app.add_option("--workload", workload,
+                 "none | alloc-free:SIZE[:HOLD_MS] | churn:SIZE:SECONDS")
+      ->capture_default_str();
+  app.add_option("--resident", resident, "memory allocated at start, never freed, verified")
+      ->capture_default_str();
+  app.add_option("--repeat", c.repeat, "run the workload N times")->capture_default_str();
+  app.add_option("--duration", duration, "exit after SECONDS (default: run until SIGTERM)");
+  app.add_flag("--exit-when-reported", c.exit_when_reported,
+               "exit when the workload is done and all free memory is reported");
+  app.add_flag("--reconnect", c.reconnect, "reconnect and redo setup if fphd goes away");
+  app.add_flag("--mem-table", c.mem_table, "use SET_MEM_TABLE even if ADD_MEM_REG is offered");
+  app.add_flag("--require-discard", c.require_discard,
+               "exit 3 if reported pages do not read back as zero/poison");
+  app.add_option("--seed", c.seed, "workload random seed")->capture_default_str();
+  app.add_option("--log-level", log_level, "debug | info | warn | error")->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : kExitSetup;
+  }
+
+  auto fail = [](const std::string& msg) {
+    std::fprintf(stderr, "fph-guest: %s\n", msg.c_str());
+    return kExitSetup;
+  };
+  fph::log::Level lvl{};
+  if (!fph::log::parse_level(log_level, &lvl)) return fail("bad --log-level " + log_level);
+  fph::log::set_level(lvl);
+  auto size_opt = [&](const std::string& flag, const std::string& v, uint64_t* out) {
+    auto s = parse_size(v);
+    if (!s) return fail(flag + ": " + s.error());
+    *out = *s;
+    return 0;
+  };
+  if (int r = size_opt("--memory", memory, &c.memory)) return r;
+  if (int r = size_opt("--resident", resident, &c.resident)) return r;
+  if (int r = size_opt("--gpa-base", gpa_base, &c.gpa_base)) return r;
+  if (int r = size_opt("--mmap-offset", mmap_offset, &c.mmap_offset)) return r;
+  auto w = parse_workload(workload);
+  if (!w) return fail("--workload: " + w.error());
+  c.workload = *w;
+  if (!poison.empty()) {
+    try {
+      size_t pos = 0;
+      const unsigned long v = std::stoul(poison, &pos, 16);
+      if (pos != poison.size() || v > 0xffffffffu) return fail("--poison: not a 32-bit hex value");
+      c.poison = static_cast<uint32_t>(v);
+    } catch (const std::exception&) {
+      return fail("--poison: not a hex value");
+    }
+  }
+  if (numa_node >= 0) c.numa_node = numa_node;
+  c.reporting_delay = std::chrono::milliseconds(delay_ms);
+  c.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_timeout * 1000));
+  if (duration > 0) c.duration = std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
+  if (auto v = validate(c); !v) return fail(v.error());
+
+  EventSink events(stdout);
+  return run(c, events);
+}

@@ -1,0 +1,349 @@
+#include "fph/guest/workload.h"
+
+#include <algorithm>
+#include <bit>
+#include <cctype>
+#include <charconv>
+#include <cstring>
+#include <thread>
+
+#include "fph/common/checked.h"
+#include "fph/common/log.h"
+
+namespace fph::guest {
+
+namespace {
+
+constexpr size_t kWordsPerFrame = kFrameSize / sizeof(uint64_t);
+
+constexpr uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Bytes that differ between two words.
+inline uint64_t diff_bytes(uint64_t a, uint64_t b) {
+  uint64_t x = a ^ b;
+  uint64_t n = 0;
+  while (x) {
+    if (x & 0xff) ++n;
+    x >>= 8;
+  }
+  return n;
+}
+
+// Guest RAM is a page-aligned mapping of raw bytes that only this process
+// types as 64-bit words, so viewing a frame as uint64_t[512] is aligned and
+// does not alias objects of another type.
+inline uint64_t* words(uint8_t* p) { return reinterpret_cast<uint64_t*>(p); }
+
+Unexpected<std::string> err(std::string s) { return Unexpected<std::string>{std::move(s)}; }
+
+}  // namespace
+
+Expected<uint64_t, std::string> parse_size(std::string_view s) {
+  const std::string_view orig = s;
+  uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p == s.data()) return err(fmt::format("bad size '{}'", orig));
+  s.remove_prefix(static_cast<size_t>(p - s.data()));
+  uint64_t mul = 1;
+  if (!s.empty()) {
+    switch (std::toupper(static_cast<unsigned char>(s[0]))) {
+      case 'K': mul = 1ull << 10; break;
+      case 'M': mul = 1ull << 20; break;
+      case 'G': mul = 1ull << 30; break;
+      case 'T': mul = 1ull << 40; break;
+      case 'B': mul = 1; break;
+      default: return err(fmt::format("bad size suffix in '{}' (use K, M, G, T)", orig));
+    }
+    s.remove_prefix(1);
+    if (s == "iB" || s == "ib" || s == "B" || s == "b") s = {};
+    if (!s.empty()) return err(fmt::format("bad size '{}'", orig));
+  }
+  auto r = checked_mul(v, mul);
+  if (!r) return err(fmt::format("size '{}' overflows", orig));
+  return *r;
+}
+
+Expected<WorkloadSpec, std::string> parse_workload(std::string_view s) {
+  WorkloadSpec w;
+  w.text = std::string(s);
+  std::vector<std::string_view> parts;
+  size_t start = 0;
+  while (true) {
+    const size_t c = s.find(':', start);
+    parts.push_back(s.substr(start, c == std::string_view::npos ? s.npos : c - start));
+    if (c == std::string_view::npos) break;
+    start = c + 1;
+  }
+  auto num = [](std::string_view t, double* out) {
+    // from_chars for double is in libstdc++ 11+.
+    auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), *out);
+    return ec == std::errc() && p == t.data() + t.size() && *out >= 0;
+  };
+  if (parts[0] == "none" || s.empty()) {
+    if (parts.size() > 1) return err("'none' takes no arguments");
+    return w;
+  }
+  if (parts[0] == "alloc-free") {
+    if (parts.size() < 2 || parts.size() > 3)
+      return err(fmt::format("bad workload '{}': want alloc-free:SIZE[:HOLD_MS]", s));
+    auto sz = parse_size(parts[1]);
+    if (!sz) return err(sz.error());
+    w.kind = WorkloadSpec::Kind::AllocFree;
+    w.bytes = *sz;
+    if (parts.size() == 3) {
+      double ms = 0;
+      if (!num(parts[2], &ms)) return err(fmt::format("bad HOLD_MS in '{}'", s));
+      w.hold = std::chrono::milliseconds(static_cast<int64_t>(ms));
+    }
+    if (w.bytes == 0) return err("alloc-free SIZE must be > 0");
+    return w;
+  }
+  if (parts[0] == "churn") {
+    if (parts.size() != 3) return err(fmt::format("bad workload '{}': want churn:SIZE:SECONDS", s));
+    auto sz = parse_size(parts[1]);
+    if (!sz) return err(sz.error());
+    double sec = 0;
+    if (!num(parts[2], &sec)) return err(fmt::format("bad SECONDS in '{}'", s));
+    w.kind = WorkloadSpec::Kind::Churn;
+    w.bytes = *sz;
+    w.duration = std::chrono::milliseconds(static_cast<int64_t>(sec * 1000));
+    if (w.bytes == 0) return err("churn SIZE must be > 0");
+    return w;
+  }
+  return err(fmt::format("unknown workload '{}' (none, alloc-free:SIZE[:HOLD_MS], "
+                         "churn:SIZE:SECONDS)", s));
+}
+
+// ---------------------------------------------------------------- checker
+
+MemoryChecker::MemoryChecker(const GuestMemory& mem, std::optional<uint32_t> poison)
+    : mem_(mem), reported_(mem.frames(), 0) {
+  if (poison) {
+    poisoning_ = true;
+    free_word_ = (uint64_t{*poison} << 32) | *poison;  // poison_val repeated, little-endian
+  }
+}
+
+uint64_t MemoryChecker::pattern_word(uint64_t frame, uint64_t gen, size_t word) {
+  const uint64_t base = splitmix64(frame * 0x100000001b3ull ^ (gen << 40) ^ gen);
+  return base + word * 0x9e3779b97f4a7c15ull;
+}
+
+void MemoryChecker::fill(uint64_t frame, int order, uint64_t gen) const {
+  const uint64_t n = uint64_t{1} << order;
+  for (uint64_t f = frame; f < frame + n; ++f) {
+    uint64_t* w = words(mem_.frame_ptr(f));
+    const uint64_t base = pattern_word(f, gen, 0);
+    for (size_t i = 0; i < kWordsPerFrame; ++i) w[i] = base + i * 0x9e3779b97f4a7c15ull;
+  }
+}
+
+uint64_t MemoryChecker::verify(uint64_t frame, int order, uint64_t gen) const {
+  const uint64_t n = uint64_t{1} << order;
+  uint64_t bad = 0;
+  for (uint64_t f = frame; f < frame + n; ++f) {
+    const uint64_t* w = words(mem_.frame_ptr(f));
+    const uint64_t base = pattern_word(f, gen, 0);
+    for (size_t i = 0; i < kWordsPerFrame; ++i) {
+      const uint64_t want = base + i * 0x9e3779b97f4a7c15ull;
+      if (w[i] != want) [[unlikely]] bad += diff_bytes(w[i], want);
+    }
+  }
+  return bad;
+}
+
+void MemoryChecker::poison(uint64_t frame, int order) const {
+  if (!poisoning_) return;
+  const uint64_t n = uint64_t{1} << order;
+  for (uint64_t f = frame; f < frame + n; ++f) {
+    uint64_t* w = words(mem_.frame_ptr(f));
+    std::fill(w, w + kWordsPerFrame, free_word_);
+  }
+}
+
+void MemoryChecker::poison_all(uint64_t first_frame) const {
+  if (!poisoning_ || free_word_ == 0) return;  // fresh memfd pages already read as 0
+  for (uint64_t f = first_frame; f < mem_.frames(); ++f) poison(f, 0);
+}
+
+void MemoryChecker::mark_reported(uint64_t frame, int order) {
+  const uint64_t n = uint64_t{1} << order;
+  if (frame + n > reported_.size()) return;
+  std::fill(reported_.begin() + static_cast<ptrdiff_t>(frame),
+            reported_.begin() + static_cast<ptrdiff_t>(frame + n), uint8_t{1});
+}
+
+std::pair<uint64_t, uint64_t> MemoryChecker::check_allocated(uint64_t frame, int order) {
+  const uint64_t n = uint64_t{1} << order;
+  uint64_t checked = 0;
+  uint64_t bad = 0;
+  for (uint64_t f = frame; f < frame + n && f < reported_.size(); ++f) {
+    if (!reported_[f]) continue;
+    reported_[f] = 0;
+    checked += kFrameSize;
+    const uint64_t* w = words(mem_.frame_ptr(f));
+    for (size_t i = 0; i < kWordsPerFrame; ++i)
+      if (w[i] != free_word_) [[unlikely]] bad += diff_bytes(w[i], free_word_);
+  }
+  return {checked, bad};
+}
+
+// ---------------------------------------------------------------- workload
+
+Workload::Workload(BuddyAllocator& buddy, std::mutex& zone, MemoryChecker& checker,
+                   IntegrityCounters& counters, WorkloadHooks hooks, uint64_t seed)
+    : buddy_(buddy), zone_(zone), checker_(checker), counters_(counters),
+      hooks_(std::move(hooks)), rng_(seed) {}
+
+std::optional<Held> Workload::alloc_block(int order) {
+  std::optional<uint64_t> f;
+  {
+    std::lock_guard lk(zone_);
+    f = buddy_.alloc(order);
+  }
+  if (!f) return std::nullopt;
+  Held h{*f, order, next_gen_++};
+  // Pages that were reported must read as the free value before we write
+  // them (the host dropped their backing, or kept poison_val): DESIGN 3.6.
+  auto [checked, bad] = checker_.check_allocated(h.frame, h.order);
+  if (checked) counters_.reported_bytes_checked += checked;
+  if (bad) {
+    counters_.reported_nonzero_bytes += bad;
+    log::warn("workload", "block at frame {} order {}: {} bytes of reported pages do not read "
+              "as {:#x}", h.frame, h.order, bad, checker_.free_word());
+  }
+  checker_.fill(h.frame, h.order, h.gen);
+  return h;
+}
+
+std::vector<Held> Workload::alloc_bytes(uint64_t bytes) {
+  std::vector<Held> out;
+  uint64_t left = bytes / kFrameSize + (bytes % kFrameSize ? 1 : 0);
+  while (left > 0) {
+    int order = std::min<int>(kMaxOrder, std::bit_width(left) - 1);
+    std::optional<Held> h;
+    for (; order >= 0 && !h; --order) h = alloc_block(order);
+    if (!h) {
+      if (!warned_oom_)
+        log::warn("workload", "guest memory exhausted: allocated {} of {} MiB",
+                  (bytes - left * kFrameSize) >> 20, bytes >> 20);
+      warned_oom_ = true;
+      break;
+    }
+    left -= std::min<uint64_t>(left, uint64_t{1} << h->order);
+    out.push_back(*h);
+  }
+  return out;
+}
+
+void Workload::free_block(const Held& h) {
+  const uint64_t bad = checker_.verify(h.frame, h.order, h.gen);
+  counters_.verified_bytes += h.bytes();
+  if (bad) {
+    counters_.corrupted_bytes += bad;
+    log::error("workload", "CORRUPTION: block at frame {} order {}: {} bytes differ from the "
+               "pattern", h.frame, h.order, bad);
+  }
+  checker_.poison(h.frame, h.order);
+  int merged = -1;
+  {
+    std::lock_guard lk(zone_);
+    merged = buddy_.free_merged(h.frame, h.order);
+  }
+  // Linux page_reporting_notify_free() gets the order after merging: an
+  // order-0 free that completes a 2 MiB block must trigger reporting.
+  if (merged >= 0 && hooks_.notify_free) hooks_.notify_free(merged);
+}
+
+void Workload::free_all(std::vector<Held>& blocks) {
+  for (const auto& h : blocks) free_block(h);
+  blocks.clear();
+}
+
+uint64_t Workload::verify_all(const std::vector<Held>& blocks) {
+  uint64_t bad = 0;
+  for (const auto& h : blocks) {
+    const uint64_t b = checker_.verify(h.frame, h.order, h.gen);
+    if (b)
+      log::error("workload", "CORRUPTION: block at frame {} order {}: {} bytes differ", h.frame,
+                 h.order, b);
+    bad += b;
+    counters_.verified_bytes += h.bytes();
+  }
+  counters_.corrupted_bytes += bad;
+  return bad;
+}
+
+void Workload::run(const WorkloadSpec& spec, const std::atomic<bool>& stop) {
+  using Clock = std::chrono::steady_clock;
+  switch (spec.kind) {
+    case WorkloadSpec::Kind::None:
+      return;
+    case WorkloadSpec::Kind::AllocFree: {
+      auto blocks = alloc_bytes(spec.bytes);
+      uint64_t bytes = 0;
+      for (const auto& h : blocks) bytes += h.bytes();
+      log::info("workload", "alloc-free: allocated and wrote {} MiB in {} blocks", bytes >> 20,
+                blocks.size());
+      const auto until = Clock::now() + spec.hold;
+      while (!stop.load() && Clock::now() < until)
+        std::this_thread::sleep_for(std::min<Clock::duration>(until - Clock::now(),
+                                                              std::chrono::milliseconds(20)));
+      verify_all(blocks);
+      free_all(blocks);
+      log::info("workload", "alloc-free: verified and freed {} MiB", bytes >> 20);
+      if (hooks_.on_freed) hooks_.on_freed(bytes);
+      return;
+    }
+    case WorkloadSpec::Kind::Churn:
+      churn(spec, stop);
+      return;
+  }
+}
+
+void Workload::churn(const WorkloadSpec& spec, const std::atomic<bool>& stop) {
+  using Clock = std::chrono::steady_clock;
+  const auto until = Clock::now() + spec.duration;
+  std::vector<Held> held;
+  uint64_t held_bytes = 0;
+  uint64_t ops = 0;
+  while (!stop.load() && Clock::now() < until) {
+    // Check the clock only every few operations: a max-order fill is ~4 MiB
+    // of writes, a clock read is noise next to it.
+    for (int k = 0; k < 16; ++k) {
+      bool do_alloc = held.empty() || (rng_() & 1);
+      if (do_alloc) {
+        int order = static_cast<int>(rng_() % (kMaxOrder + 1));
+        while (order > 0 && held_bytes + (kFrameSize << order) > spec.bytes) --order;
+        if (held_bytes + (kFrameSize << order) > spec.bytes) {
+          do_alloc = false;
+        } else if (auto h = alloc_block(order)) {
+          held_bytes += h->bytes();
+          held.push_back(*h);
+        } else {
+          do_alloc = false;  // out of memory (or all isolated): free instead
+        }
+      }
+      if (!do_alloc && !held.empty()) {
+        const size_t i = rng_() % held.size();
+        const Held h = held[i];
+        held[i] = held.back();
+        held.pop_back();
+        held_bytes -= h.bytes();
+        free_block(h);
+      }
+      ++ops;
+    }
+  }
+  uint64_t bytes = held_bytes;
+  free_all(held);
+  log::info("workload", "churn: {} operations, freed the remaining {} MiB", ops, bytes >> 20);
+  if (hooks_.on_freed) hooks_.on_freed(bytes);
+}
+
+}  // namespace fph::guest
