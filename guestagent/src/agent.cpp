@@ -128,6 +128,8 @@ int run(const Config& c, EventSink& events) {
     }
     listener.emplace(std::move(*l));
     log::info("agent", "listening on {}; waiting for the back end to attach", c.listen_path);
+    // Lets a test or script start `fphd --attach` only once the socket exists.
+    events.emit({{"event", "listening"}, {"name", c.name}, {"path", c.listen_path}});
     connector = [&](const std::atomic<bool>* cancel) {
       return listener->accept(c.connect_timeout, cancel);
     };
@@ -174,8 +176,29 @@ int run(const Config& c, EventSink& events) {
 
   BalloonDriver driver(mem, buddy, zone, dopt, connector, hooks);
   driver_ptr = &driver;
+  // The first connection may wait long (daemon not up yet, nobody attaching
+  // to --listen): a signal meanwhile cancels it.
+  std::atomic<bool> setup_done{false};
+  std::atomic<bool> setup_signalled{false};
+  std::thread watcher([&] {
+    while (!setup_done.load()) {
+      pollfd p{sigfd.get(), POLLIN, 0};
+      if (::poll(&p, 1, 50) > 0) {
+        signalfd_siginfo si{};
+        (void)!::read(sigfd.get(), &si, sizeof si);
+        log::info("agent", "{} received during setup, giving up",
+                  strsignal(static_cast<int>(si.ssi_signo)));
+        setup_signalled.store(true);
+        driver.request_stop();
+        return;
+      }
+    }
+  });
   auto neg = driver.connect();
+  setup_done.store(true);
+  watcher.join();
   if (!neg) {
+    if (setup_signalled.load()) return kExitOk;
     log::error("agent", "vhost-user setup failed ({}): {}", to_string(neg.error().code),
                neg.error().message);
     return neg.error().connection_lost() ? kExitConnectionLost : kExitSetup;
@@ -186,6 +209,7 @@ int run(const Config& c, EventSink& events) {
                {"memory_bytes", mem.size()},
                {"regions", mem.regions().size()},
                {"features", neg->features},
+               {"device_features", neg->device_features},
                {"protocol_features", neg->protocol},
                {"reporting", neg->reporting()},
                {"poison", neg->poison() ? json(neg->config.poison_val) : json(nullptr)},
@@ -202,7 +226,7 @@ int run(const Config& c, EventSink& events) {
 
   const auto started = Clock::now();
   std::string reason = "signal";
-  for (;;) {
+  while (!setup_signalled.load()) {
     pollfd p[2] = {{sigfd.get(), POLLIN, 0}, {driver.done_fd(), POLLIN, 0}};
     const int n = ::poll(p, 2, 50);
     if (n < 0 && errno != EINTR) {

@@ -129,6 +129,15 @@ FeResult<UniqueFd> UnixListener::accept(std::chrono::milliseconds timeout,
   }
 }
 
+Frontend::Frontend(UniqueFd sock, std::chrono::milliseconds reply_timeout)
+    : sock_(std::move(sock)) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(reply_timeout.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((reply_timeout.count() % 1000) * 1000);
+  if (sock_ && ::setsockopt(sock_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0)
+    log::warn("frontend", "SO_RCVTIMEO: {}", std::strerror(errno));
+}
+
 uint64_t choose_features(uint64_t offered, const FrontendOptions& o) {
   uint64_t want = bal::kFVersion1 | vu::feature::kProtocolFeatures;
   if (o.reporting) want |= bal::kFReporting;

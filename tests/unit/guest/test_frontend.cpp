@@ -338,6 +338,10 @@ struct DeviceOptions {
   uint32_t nack_request = 0;        // answer this request with ack 1
   bool complete_reports = true;     // false: hold chains (never used)
   bool spurious_call = false;       // signal call as soon as it is set
+  // A broken back end: with every chain, also punch this range (outside
+  // anything reported) -- the guest must notice.
+  uint64_t extra_punch_gpa = 0;
+  uint64_t extra_punch_len = 0;
 };
 
 // The device side of one connection. One thread: control messages and
@@ -462,6 +466,15 @@ class TestDevice {
                     0);
         }
         punched_ += b.len;
+      }
+      if (o_.extra_punch_len) {
+        const Region* reg = mem.region(o_.extra_punch_gpa);
+        ASSERT_NE(reg, nullptr);
+        const off_t off =
+            static_cast<off_t>(reg->r.mmap_offset + (o_.extra_punch_gpa - reg->r.guest_phys_addr));
+        ASSERT_EQ(fallocate(reg->fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off,
+                            static_cast<off_t>(o_.extra_punch_len)),
+                  0);
       }
       if (o_.complete_reports || release_) {
         r.dev.push_used(**h, 0);
@@ -917,14 +930,21 @@ TEST(BalloonDriver, ReportsFreeMemoryAndDiscardedPagesReadZero) {
 }
 
 TEST(BalloonDriver, ToleratesSpuriousCalls) {
+  // The device signals the call eventfd as soon as it gets it and holds the
+  // chain: the only call the driver sees has no used element behind it.
   DeviceOptions d;
   d.spurious_call = true;
+  d.complete_reports = false;
   DriverRig rig(fast_options(), {d});
   ASSERT_TRUE(rig.driver->connect());
   rig.driver->start();
-  ASSERT_TRUE(wait_for([&] { return rig.driver->calls() > 0; }));
+  ASSERT_TRUE(wait_for([&] { return rig.driver->calls() > 0 && rig.device(0).chains() > 0; }));
+  EXPECT_EQ(rig.driver->spurious_calls(), rig.driver->calls());
+  EXPECT_EQ(rig.driver->inflight_requests(), 1u);
+  EXPECT_EQ(rig.completed_bytes.load(), 0u);
+  // Real completions still work afterwards.
+  rig.device(0).release();
   ASSERT_TRUE(wait_for([&] { return rig.free_candidates(9) == 0 && rig.completed_bytes > 0; }));
-  EXPECT_GE(rig.driver->spurious_calls(), 1u);
   rig.driver->request_stop();
   rig.driver->join();
   EXPECT_EQ(rig.driver->exit_state(), BalloonDriver::Exit::Stopped);
@@ -995,6 +1015,103 @@ TEST(BalloonDriver, StopWaitsForHeldRequestAndGetVringBaseFlushesIt) {
   EXPECT_EQ(rig.device(0).vring_base_replies()[2], 1u);
   std::lock_guard lk(rig.zone);
   EXPECT_EQ(rig.buddy->stats().isolated_frames, 0u);
+}
+
+// ------------------------------------------------------------ whole agent
+
+struct AgentRun {
+  int rc = -1;
+  std::vector<nlohmann::json> events;
+  const nlohmann::json* find(const std::string& ev) const {
+    for (const auto& e : events)
+      if (e.value("event", "") == ev) return &e;
+    return nullptr;
+  }
+};
+
+// Runs fph::guest::run() in --listen mode and attaches a TestDevice to it.
+AgentRun run_agent(Config c, DeviceOptions d) {
+  char dir[] = "/tmp/fph-guest-agent-XXXXXX";
+  EXPECT_NE(mkdtemp(dir), nullptr);
+  c.listen_path = std::string(dir) + "/guest.sock";
+  c.connect_timeout = 60s;
+  EXPECT_TRUE(validate(c));
+  std::FILE* out = std::tmpfile();
+  EventSink sink(out);
+  AgentRun r;
+  std::thread t([&] { r.rc = run(c, sink); });
+  EXPECT_TRUE(wait_for([&] { return access(c.listen_path.c_str(), F_OK) == 0; }));
+  auto s = connect_unix(c.listen_path, 60s);
+  EXPECT_TRUE(s);
+  if (s) {
+    TestDevice dev(std::move(*s), d);
+    t.join();
+  } else {
+    t.join();  // run() gives up after its connect timeout
+  }
+  std::rewind(out);
+  char line[4096];
+  while (std::fgets(line, sizeof line, out)) r.events.push_back(nlohmann::json::parse(line));
+  std::fclose(out);
+  rmdir(dir);
+  return r;
+}
+
+Config agent_config() {
+  Config c;
+  c.memory = 32ull << 20;
+  c.resident = 8ull << 20;
+  c.reporting_delay = 0ms;
+  c.workload = *parse_workload("alloc-free:8M:0");
+  c.repeat = 2;
+  c.exit_when_reported = true;
+  c.name = "t1";
+  return c;
+}
+
+TEST(Agent, RunsCleanAgainstAGoodBackEnd) {
+  AgentRun r = run_agent(agent_config(), {});
+  EXPECT_EQ(r.rc, kExitOk);
+  ASSERT_NE(r.find("ready"), nullptr);
+  EXPECT_EQ((*r.find("ready"))["name"], "t1");
+  EXPECT_EQ((*r.find("ready"))["memory_bytes"], 32ull << 20);
+  EXPECT_TRUE((*r.find("ready"))["reporting"].get<bool>());
+  ASSERT_NE(r.find("workload_freed"), nullptr);
+  EXPECT_EQ((*r.find("workload_freed"))["bytes"], 8ull << 20);
+  ASSERT_NE(r.find("report_done"), nullptr);
+  const auto* sum = r.find("summary");
+  ASSERT_NE(sum, nullptr);
+  EXPECT_EQ((*sum)["corrupted_bytes"], 0);
+  EXPECT_EQ((*sum)["reported_nonzero_bytes"], 0);
+  EXPECT_GT((*sum)["reported_bytes"].get<uint64_t>(), 0u);
+  EXPECT_GE((*sum)["resident_checks"].get<uint64_t>(), 2u);
+  EXPECT_EQ((*sum)["reason"], "reported");
+  EXPECT_EQ((*sum)["exit_code"], 0);
+}
+
+TEST(Agent, DetectsABackEndThatDiscardsResidentMemory) {
+  // The resident set starts at the first 4 MiB block without rings (GPA
+  // 4 MiB); a back end that also punches there corrupts the guest.
+  DeviceOptions bad;
+  bad.extra_punch_gpa = 4ull << 20;
+  bad.extra_punch_len = 64 * 1024;
+  AgentRun r = run_agent(agent_config(), bad);
+  EXPECT_EQ(r.rc, kExitCorruption);
+  const auto* sum = r.find("summary");
+  ASSERT_NE(sum, nullptr);
+  EXPECT_GT((*sum)["corrupted_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ((*sum)["exit_code"], kExitCorruption);
+}
+
+TEST(Agent, NoReportingNegotiatesNoReportingAndExits) {
+  Config c = agent_config();
+  c.no_reporting = true;
+  AgentRun r = run_agent(c, {});
+  EXPECT_EQ(r.rc, kExitOk);
+  ASSERT_NE(r.find("ready"), nullptr);
+  EXPECT_FALSE((*r.find("ready"))["reporting"].get<bool>());
+  EXPECT_EQ(r.find("report_done"), nullptr);
+  EXPECT_EQ((*r.find("summary"))["reported_bytes"], 0);
 }
 
 }  // namespace

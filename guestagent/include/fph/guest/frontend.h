@@ -93,9 +93,14 @@ struct Negotiated {
 uint64_t choose_features(uint64_t offered, const FrontendOptions& o);
 uint64_t choose_protocol_features(uint64_t offered);
 
+// How long we wait for any reply: a back end that accepts and then hangs
+// must not hang the guest agent (SO_RCVTIMEO on the control socket; the
+// driver loop only reads when poll() says the socket is readable).
+inline constexpr std::chrono::seconds kReplyTimeout{30};
+
 class Frontend {
  public:
-  explicit Frontend(UniqueFd sock) : sock_(std::move(sock)) {}
+  explicit Frontend(UniqueFd sock, std::chrono::milliseconds reply_timeout = kReplyTimeout);
   int fd() const { return sock_.get(); }
   const Negotiated& negotiated() const { return neg_; }
 

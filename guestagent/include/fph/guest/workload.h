@@ -105,9 +105,10 @@ class Workload {
   // fills every page with the pattern. Returns fewer bytes if memory runs out.
   std::vector<Held> alloc_bytes(uint64_t bytes);
   std::optional<Held> alloc_block(int order);
-  // Verifies, poisons (PAGE_POISON) and frees one block; counts mismatches.
-  void free_block(const Held& h);
-  void free_all(std::vector<Held>& blocks);
+  // Verifies (unless `verify` is false: the caller just did), poisons
+  // (PAGE_POISON) and frees one block; counts mismatches.
+  void free_block(const Held& h, bool verify = true);
+  void free_all(std::vector<Held>& blocks, bool verify = true);
   // Bytes that do not match their pattern (adds to corrupted_bytes).
   uint64_t verify_all(const std::vector<Held>& blocks);
 
