@@ -238,7 +238,7 @@ std::vector<Held> Workload::alloc_bytes(uint64_t bytes) {
         std::lock_guard lk(zone_);
         isolated = buddy_.stats().isolated_frames > 0;
       }
-      if (isolated && stalls < 5000) {
+      if (isolated && stalls < 5000 && !(stop_ && stop_->load())) {
         ++stalls;
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
         continue;
@@ -295,6 +295,7 @@ uint64_t Workload::verify_all(const std::vector<Held>& blocks) {
 
 void Workload::run(const WorkloadSpec& spec, const std::atomic<bool>& stop) {
   using Clock = std::chrono::steady_clock;
+  stop_ = &stop;
   switch (spec.kind) {
     case WorkloadSpec::Kind::None:
       return;

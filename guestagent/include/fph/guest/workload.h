@@ -125,6 +125,7 @@ class Workload {
   WorkloadHooks hooks_;
   std::mt19937_64 rng_;
   uint64_t next_gen_ = 1;
+  const std::atomic<bool>* stop_ = nullptr;  // run()'s stop flag: ends allocation stalls
   bool warned_oom_ = false;
 };
 
