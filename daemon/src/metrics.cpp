@@ -107,7 +107,10 @@ Metrics::Metrics(const std::string& bind, int nodes)
   }
 }
 
-Metrics::~Metrics() = default;
+Metrics::~Metrics() {
+  std::lock_guard lk(vms_mu_);
+  vms_.clear();  // VmMetrics remove their series from families we still own
+}
 
 std::string Metrics::url() const {
   if (!exposer_) return {};
@@ -134,6 +137,30 @@ void Metrics::protocol_error_unnamed(const std::string& reason) {
 void Metrics::discard_syscalls(int node, reclaim::Method m, uint64_t n) {
   if (node >= 0 && node < nodes_ && n)
     syscalls_by_node_[node][static_cast<size_t>(m)]->Increment(static_cast<double>(n));
+}
+
+std::shared_ptr<VmMetrics> Metrics::acquire_vm(const std::string& vm) {
+  std::lock_guard lk(vms_mu_);
+  sweep_locked();
+  auto& e = vms_[vm];
+  if (!e.metrics) e.metrics = std::make_shared<VmMetrics>(*this, vm, nodes_);
+  e.users++;
+  return e.metrics;
+}
+
+void Metrics::release_vm(const std::string& vm) {
+  std::lock_guard lk(vms_mu_);
+  auto it = vms_.find(vm);
+  if (it != vms_.end() && --it->second.users == 0) it->second.released = std::chrono::steady_clock::now();
+  sweep_locked();
+}
+
+void Metrics::sweep_locked() {
+  const auto now = std::chrono::steady_clock::now();
+  for (auto it = vms_.begin(); it != vms_.end();) {
+    if (it->second.users == 0 && now - it->second.released >= retention_) it = vms_.erase(it);
+    else ++it;
+  }
 }
 
 VmMetrics::VmMetrics(Metrics& m, std::string vm, int nodes) : m_(m), vm_(std::move(vm)), nodes_(nodes) {

@@ -24,6 +24,24 @@ namespace {
 
 constexpr uint64_t kHostPage = 4096;
 
+// Metric label for a chain error (the proto text is for humans).
+std::string chain_reason(vq::ChainErrc c) {
+  switch (c) {
+    case vq::ChainErrc::HeadOutOfRange: return "chain_head_out_of_range";
+    case vq::ChainErrc::NextOutOfRange: return "chain_next_out_of_range";
+    case vq::ChainErrc::TooLong: return "chain_too_long";
+    case vq::ChainErrc::IndirectNotNegotiated: return "chain_indirect_not_negotiated";
+    case vq::ChainErrc::IndirectBadLength: return "chain_indirect_bad_length";
+    case vq::ChainErrc::IndirectNested: return "chain_indirect_nested";
+    case vq::ChainErrc::IndirectWithNext: return "chain_indirect_with_next";
+    case vq::ChainErrc::IndirectUnmapped: return "chain_indirect_unmapped";
+    case vq::ChainErrc::ReadableAfterWritable: return "chain_readable_after_writable";
+    case vq::ChainErrc::LengthOverflow: return "chain_length_overflow";
+    case vq::ChainErrc::AvailIndexJump: return "chain_avail_index_jump";
+  }
+  return "chain_invalid";
+}
+
 int node_for(const Translation& t, const reclaim::Topology& topo) {
   if (t.region->node >= 0) return t.region->node;
   if (topo.node_count() <= 1) return 0;
@@ -182,7 +200,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       if (!h) {
         const auto& e = h.error();
         log::error("queue", "vm={} vring {}: {}", s.name(), queue, e.message());
-        vm.protocol_error(std::string("chain_") + std::string(vq::to_string(e.code)));
+        vm.protocol_error(chain_reason(e.code));
         if (e.code == vq::ChainErrc::AvailIndexJump) return false;
         continue;  // the bad slot was consumed; there is no valid head to return
       }
@@ -201,7 +219,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       // driver does not wait forever.
       log::error("queue", "vm={} vring {}: invalid chain: {}", s.name(), queue,
                  walked.error().message());
-      vm.protocol_error(std::string("chain_") + std::string(vq::to_string(walked.error().code)));
+      vm.protocol_error(chain_reason(walked.error().code));
       vm.request_done(RequestOutcome::Invalid);
       s.return_chain(queue, head);
       continue;

@@ -33,11 +33,16 @@ Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
       sock_(std::move(sock)),
       wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       name_(std::move(name)),
-      vm_metrics_(std::make_unique<VmMetrics>(ctx.metrics, name_, ctx.topology.node_count())) {
+      vm_metrics_(ctx.metrics.acquire_vm(name_)) {
   ctx_.metrics.session_opened();
 }
 
-Session::~Session() { ctx_.metrics.session_closed(); }
+Session::~Session() {
+  vm_metrics_->set_inflight(0);
+  vm_metrics_.reset();
+  ctx_.metrics.release_vm(name_);
+  ctx_.metrics.session_closed();
+}
 
 void Session::request_stop() {
   stopping_ = true;
@@ -126,8 +131,12 @@ bool Session::serve_one() {
       if (e.code == vu::ChannelErrc::TooManyFds) {
         // The header was valid and the payload consumed: framing is intact,
         // so only this message is refused.
-        log::error("session", "vm={} message refused: {}", name_, e.message());
+        log::error("session", "vm={} {} refused: {}", name_, vu::request_name(e.header.request),
+                   e.message());
         vm_metrics_->protocol_error("too_many_fds");
+        if (e.header.need_reply() &&
+            (protocol_features_ & vu::protocol::bit(vu::protocol::kReplyAck)))
+          (void)vu::send_reply(sock_.get(), e.header.request, vu::encode_u64(1));
         return true;
       }
       if (e.code == vu::ChannelErrc::Protocol) {
@@ -276,16 +285,10 @@ bool Session::handle(vu::Message& m) {
   // File descriptor count first: a message with the wrong number of fds is
   // refused as a whole (its fds are closed when `m` goes away).
   if (req >= 1 && req <= vu::kMaxRequest) {
-    auto want = vu::expected_fds(req, payload);
-    if (!want) {
-      fail(m, "bad_payload", want.error().message());
-      send_ack(m, false);
-      return true;
-    }
-    const bool rem_ok = req == static_cast<uint32_t>(Request::RemMemReg) && m.fds.size() <= 1;
-    if (m.fds.size() != *want && !rem_ok) {
-      fail(m, "bad_fd_count",
-           fmt::format("carries {} file descriptors, expected {}", m.fds.size(), *want));
+    auto ok = vu::check_fds(req, payload, m.fds.size());
+    if (!ok) {
+      const bool count = ok.error().code == proto::ParseErrc::BadFdCount;
+      fail(m, count ? "bad_fd_count" : "bad_payload", ok.error().message());
       send_ack(m, false);
       return true;
     }

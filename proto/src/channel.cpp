@@ -119,7 +119,7 @@ Expected<Message, ChannelError> recv_message(int sock) {
   }
   if (truncated || m.fds.size() > kMaxFds) {
     m.fds.clear();  // closes them
-    return unexpected(ChannelError{ChannelErrc::TooManyFds, 0, {}});
+    return unexpected(ChannelError{ChannelErrc::TooManyFds, 0, {}, m.header});
   }
   return m;
 }

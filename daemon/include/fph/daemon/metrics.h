@@ -15,6 +15,7 @@
 #include <prometheus/registry.h>
 
 #include <array>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -73,6 +74,13 @@ class Metrics {
   Metrics(const std::string& bind, int nodes);
   ~Metrics();
 
+  // A VM's series. Series outlive the session by `retention` so a scrape
+  // after a disconnect still sees the final counts, and a VM that reconnects
+  // under the same name continues its counters instead of resetting them.
+  std::shared_ptr<VmMetrics> acquire_vm(const std::string& vm);
+  void release_vm(const std::string& vm);
+  void set_retention(std::chrono::seconds r) { retention_ = r; }
+
   // "http://127.0.0.1:PORT/metrics", or empty.
   std::string url() const;
   int nodes() const { return nodes_; }
@@ -110,6 +118,16 @@ class Metrics {
   std::vector<std::array<prometheus::Counter*, kMethods>> syscalls_by_node_;
   prometheus::Gauge* sessions_gauge_ = nullptr;
   prometheus::Counter* sessions_opened_total_ = nullptr;
+
+  struct VmEntry {
+    std::shared_ptr<VmMetrics> metrics;
+    int users = 0;
+    std::chrono::steady_clock::time_point released;
+  };
+  std::mutex vms_mu_;  // session open/close only, never the data path
+  std::map<std::string, VmEntry> vms_;
+  std::chrono::seconds retention_{600};
+  void sweep_locked();
 };
 
 }  // namespace fph::daemon

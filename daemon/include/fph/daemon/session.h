@@ -113,7 +113,7 @@ class Session : public std::enable_shared_from_this<Session> {
   UniqueFd sock_;
   UniqueFd wake_;  // eventfd: request_stop()
   std::string name_;
-  std::unique_ptr<VmMetrics> vm_metrics_;
+  std::shared_ptr<VmMetrics> vm_metrics_;
   std::shared_ptr<std::atomic<bool>> cancel_ = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> stopping_{false};
   std::atomic<bool> paused_{false};

@@ -32,6 +32,7 @@ struct ChannelError {
   ChannelErrc code = ChannelErrc::Io;
   int err = 0;
   ParseError parse;
+  Header header;  // for TooManyFds: the refused message's (valid) header
   std::string message() const;
 };
 
