@@ -1,11 +1,30 @@
 // The core reclaim path end to end: one fphd, several fph-guest processes,
 // memory reclaim measured from the kernel.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <fstream>
 
 #include "harness.h"
 
 using namespace fph::test;
+
+namespace fph {
+// Holds an exclusive flock on a file for the scope (serialises tests that
+// change system-wide knobs such as nr_hugepages).
+struct FileLock {
+  int fd;
+  explicit FileLock(const char* path) : fd(open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) {
+    if (fd >= 0) flock(fd, LOCK_EX);
+  }
+  ~FileLock() {
+    if (fd >= 0) close(fd);
+  }
+};
+}  // namespace fph
 
 namespace {
 
@@ -149,4 +168,94 @@ TEST(Reclaim, ChurnKeepsIntegrityAndReallocatedReportedBlocksReadZero) {
   EXPECT_EQ(s.value("corrupted_bytes", -1), 0);
   EXPECT_EQ(s.value("reported_nonzero_bytes", -1), 0);
   EXPECT_GT(s.value("reported_bytes_checked", 0), 0) << s.dump();
+}
+
+// vhost-user deployments also run the other way round: the front end
+// listens and the back end connects (QEMU server=on). fphd --attach.
+TEST(Reclaim, AttachModeConnectsOutToAListeningFrontEnd) {
+  TempDir dir;
+  const std::string guest_sock = dir.path + "/guest.sock";
+  Process guest({guest_path(), "--listen", guest_sock, "--name", "ignored", "--memory", "256M",
+                 "--workload", "alloc-free:200M:0", "--reporting-delay-ms", "100",
+                 "--exit-when-reported"},
+                dir.path + "/guest.stderr");
+  ASSERT_TRUE(guest.wait_event("listening")) << guest.stderr_text();
+  Fphd fphd(dir, {"--attach", "attached-vm=" + guest_sock});
+  ASSERT_TRUE(guest.wait_event("ready")) << guest.stderr_text() << fphd.proc->stderr_text();
+  auto s = guest.wait_event("summary");
+  ASSERT_TRUE(s) << guest.stderr_text();
+  EXPECT_EQ(guest.wait(), 0);
+  EXPECT_EQ((*s)["reason"], "reported");
+  EXPECT_LT((*s)["backing_bytes"].get<int64_t>(), 40 * MiB);  // kernel-measured by the guest
+  // The configured name, not the peer's, labels the VM.
+  EXPECT_GE(metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", "attached-vm"}}),
+            190.0 * MiB);
+}
+
+// A front end disconnects and a new one connects under the same name: the
+// new session reclaims, and the VM's counters continue rather than reset.
+TEST(Reclaim, FrontEndReconnectUnderTheSameName) {
+  TempDir dir;
+  Fphd fphd(dir);
+  double first = 0;
+  for (int round = 0; round < 2; ++round) {
+    Process g({guest_path(), "--connect", fphd.socket, "--name", "same", "--memory", "256M",
+               "--workload", "alloc-free:200M:0", "--reporting-delay-ms", "100",
+               "--exit-when-reported"},
+              dir.path + "/g" + std::to_string(round) + ".stderr");
+    auto s = g.wait_event("summary");
+    ASSERT_TRUE(s) << g.stderr_text();
+    EXPECT_EQ(g.wait(), 0) << g.stderr_text();
+    EXPECT_LT((*s)["backing_bytes"].get<int64_t>(), 40 * MiB);
+    // Wait until fphd has seen the disconnect.
+    ASSERT_TRUE(eventually([&] { return metric_sum(fphd.scrape(), "fphd_sessions") == 0; }));
+    const double d = metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", "same"}});
+    if (round == 0) first = d;
+    else EXPECT_GE(d, first + 190.0 * MiB);
+  }
+  EXPECT_EQ(metric_sum(fphd.scrape(), "fphd_sessions_opened_total"), 2);
+}
+
+// Huge page guest RAM (memfd MFD_HUGETLB): fphd punches whole 2 MiB pages.
+// Reserves the pages itself (serialised with other tests by a lock file) and
+// restores the previous reservation.
+TEST(Reclaim, HugetlbBackedGuestIsReclaimedInWholeHugePages) {
+  const char* knob = "/proc/sys/vm/nr_hugepages";
+  fph::FileLock lock("/tmp/fph-test-nr_hugepages.lock");
+  auto read_knob = [&] {
+    std::ifstream in(knob);
+    long v = -1;
+    in >> v;
+    return v;
+  };
+  const long before = read_knob();
+  {
+    std::ofstream out(knob);
+    out << before + 160;
+  }
+  if (read_knob() < before + 160) {
+    std::ofstream(knob) << before;
+    GTEST_SKIP() << "could not reserve 160 huge pages (need root and free memory)";
+  }
+  struct Restore {
+    const char* k;
+    long v;
+    ~Restore() { std::ofstream(k) << v; }
+  } restore{knob, before};
+
+  TempDir dir;
+  Fphd fphd(dir);
+  Process g({guest_path(), "--connect", fphd.socket, "--name", "huge", "--memory", "256M",
+             "--hugetlb", "--workload", "alloc-free:200M:0", "--reporting-delay-ms", "100",
+             "--exit-when-reported", "--require-discard"},
+            dir.path + "/huge.stderr");
+  auto s = g.wait_event("summary");
+  ASSERT_TRUE(s) << g.stderr_text();
+  EXPECT_EQ(g.wait(), 0) << g.stderr_text();
+  EXPECT_EQ((*s)["corrupted_bytes"].get<int64_t>(), 0);
+  EXPECT_LT((*s)["backing_bytes"].get<int64_t>(), 56 * MiB) << s->dump();
+  const std::string m = fphd.scrape();
+  EXPECT_GE(metric_sum(m, "fphd_discarded_bytes_total", {{"vm", "huge"}, {"method", "punch_hole"}}),
+            190.0 * MiB);
+  EXPECT_EQ(metric_sum(m, "fphd_skipped_bytes_total", {{"vm", "huge"}, {"reason", "misaligned"}}), 0);
 }

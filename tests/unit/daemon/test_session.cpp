@@ -295,3 +295,68 @@ TEST(Session, BrokenFramingClosesOnlyThatSession) {
   char c;
   EXPECT_EQ(read(fe.sock.get(), &c, 1), 0);  // and the daemon closed its end... once destroyed
 }
+
+// GET_VRING_BASE stops the ring only after every taken request is returned:
+// the reply must not arrive before the chain is on the used ring.
+TEST(Session, GetVringBaseReturnsOnlyAfterInflightRequestsComplete) {
+  Pair sp;
+  Daemon d(std::move(sp.a));
+  FrontEnd fe(std::move(sp.b));
+  fe.handshake(kFeatures);
+  // A large request (32 x 1 MiB, populated) so its discard takes a while.
+  fill(fe.mem + 16 * MiB, 32 * MiB, 0x44);
+  std::vector<vq::Buffer> bufs;
+  for (int i = 0; i < 32; ++i) bufs.push_back({16 * MiB + i * MiB, static_cast<uint32_t>(MiB), true});
+  ASSERT_TRUE(fe.ring.add_chain(bufs).has_value());
+  uint64_t one = 1;
+  ASSERT_EQ(write(fe.kick.get(), &one, 8), 8);  // the kick is readable before the message is sent
+  ASSERT_TRUE(fe.send(vu::Request::GetVringBase, vu::encode_vring_state({fe.reporting_index, 0})));
+  auto m = fe.recv();
+  ASSERT_TRUE(m);
+  // At the moment the reply is read, the chain is already back.
+  const uint16_t used_idx =
+      __atomic_load_n(reinterpret_cast<uint16_t*>(fe.mem + kRingGpa + 8192 + 2), __ATOMIC_ACQUIRE);
+  EXPECT_EQ(used_idx, 1);
+  auto st = vu::parse_vring_state(m->payload);
+  ASSERT_TRUE(st);
+  EXPECT_EQ(st->num, 1u);
+  for (uint64_t i = 0; i < 32 * MiB; i += 4096) ASSERT_EQ(fe.mem[16 * MiB + i], 0);
+}
+
+// Inflate (the classic balloon) is served: the PFNs the guest gives up are
+// discarded; deflate chains are simply returned.
+TEST(Session, InflateAndDeflateQueuesAreServed) {
+  Pair sp;
+  Daemon d(std::move(sp.a));
+  FrontEnd fe(std::move(sp.b));
+  fe.handshake(kFeatures);
+  // Set up ring 0 (inflate) at 16 KiB.. of guest RAM.
+  const uint16_t num = 8;
+  vq::DriverRing inflate(num, fe.mem + 16384, fe.mem + 20480, fe.mem + 24576);
+  UniqueFd kick(eventfd(0, EFD_CLOEXEC)), call(eventfd(0, EFD_CLOEXEC));
+  ASSERT_EQ(fe.acked(vu::Request::SetVringNum, vu::encode_vring_state({0, num})), 0u);
+  ASSERT_EQ(fe.acked(vu::Request::SetVringBase, vu::encode_vring_state({0, 0})), 0u);
+  vu::VringAddr a{0, 0, kUaddr + 16384, kUaddr + 24576, kUaddr + 20480, 0};
+  ASSERT_EQ(fe.acked(vu::Request::SetVringAddr, vu::encode_vring_addr(a)), 0u);
+  ASSERT_EQ(fe.acked(vu::Request::SetVringKick, vu::encode_u64(0), {kick.get()}), 0u);
+  ASSERT_EQ(fe.acked(vu::Request::SetVringCall, vu::encode_u64(0), {call.get()}), 0u);
+  ASSERT_EQ(fe.acked(vu::Request::SetVringEnable, vu::encode_vring_state({0, 1})), 0u);
+  // PFNs 8192..8703 (32 MiB .. 34 MiB) in an array at 64 KiB.
+  fill(fe.mem + 32 * MiB, 4 * MiB, 0x77);
+  std::vector<uint32_t> pfns;
+  for (uint32_t p = 8192; p < 8192 + 512; ++p) pfns.push_back(p);
+  std::memcpy(fe.mem + 65536, pfns.data(), pfns.size() * 4);
+  const int64_t before = blocks_bytes(fe.ram.get());
+  vq::Buffer b{65536, static_cast<uint32_t>(pfns.size() * 4), false};
+  ASSERT_TRUE(inflate.add_chain({&b, 1}).has_value());
+  uint64_t one = 1;
+  ASSERT_EQ(write(kick.get(), &one, 8), 8);
+  std::optional<vq::UsedElem> u;
+  while (!(u = inflate.pop_used())) {
+    pollfd p{call.get(), POLLIN, 0};
+    poll(&p, 1, 1000);
+  }
+  EXPECT_LE(blocks_bytes(fe.ram.get()), before - static_cast<int64_t>(2 * MiB));
+  EXPECT_EQ(fe.mem[32 * MiB], 0);
+  EXPECT_EQ(fe.mem[34 * MiB], 0x77);  // the page after the last pfn is untouched
+}
