@@ -51,6 +51,26 @@ void PageReporting::notify_free(int order, Clock::time_point now) {
   if (wake) wake();
 }
 
+// Linux page_reporting_cycle() gives each free list a budget of
+// DIV_ROUND_UP(nr_free, CAPACITY * 16) report calls and keeps reporting while
+// the budget is >= 0, i.e. budget + 1 calls per list per pass ("enough to
+// process a sixteenth of the list plus one call for pages left over from the
+// previous list"). nr_free counts every free block on the list, reported or
+// not. With one zone and one migratetype modelled, a pass gets the sum over
+// the order lists that hold candidates. Called with the zone lock held.
+int PageReporting::pass_budget() const {
+  const uint64_t per = static_cast<uint64_t>(opts_.capacity) * 16;
+  const BuddyStats st = buddy_.stats();
+  uint64_t budget = 0;
+  for (int o = opts_.order; o <= kMaxOrder; ++o) {
+    const uint64_t here = buddy_.unreported_candidate_blocks(o) -
+                          (o < kMaxOrder ? buddy_.unreported_candidate_blocks(o + 1) : 0);
+    if (here == 0) continue;
+    budget += (st.free_blocks[o] + per - 1) / per + 1;
+  }
+  return static_cast<int>(std::min<uint64_t>(budget, 1u << 30));
+}
+
 PageReporting::Clock::time_point PageReporting::poll(Clock::time_point now) {
   std::lock_guard serialize(poll_mu_);
   for (;;) {
@@ -70,8 +90,7 @@ PageReporting::Clock::time_point PageReporting::poll(Clock::time_point now) {
       stop_posting_ = false;
       deadline_ = Clock::time_point::max();
       ++stats_.passes;
-      const uint64_t per = static_cast<uint64_t>(opts_.capacity) * 16;
-      budget_left_ = (buddy_.unreported_candidate_blocks(opts_.order) + per - 1) / per;
+      budget_left_ = pass_budget();
     }
     resume_ = false;
 

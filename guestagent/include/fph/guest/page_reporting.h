@@ -3,8 +3,9 @@
 // blocks) and later calls complete(). Faithful rules:
 //  - state IDLE/REQUESTED/ACTIVE; a free of order >= reporting order while
 //    IDLE schedules a pass after `delay`;
-//  - a pass isolates up to `capacity` candidate blocks per request, with a
-//    budget of DIV_ROUND_UP(candidates, capacity * 16) requests per pass;
+//  - a pass isolates up to `capacity` candidate blocks per request, with
+//    Linux's budget: per order list holding candidates,
+//    DIV_ROUND_UP(nr_free, capacity * 16) + 1 requests per pass;
 //  - at most `max_inflight` requests in flight (Linux: 1, it sleeps until the
 //    chain returns);
 //  - on completion the blocks go back to the tail of the free lists, marked
@@ -76,6 +77,12 @@ struct ReportingStats {
 struct ReportRequest {
   uint64_t id = 0;
   std::vector<Block> blocks;
+  // Set by the transport (BalloonDriver), steady_clock = CLOCK_MONOTONIC, so
+  // comparable across processes: when the chain was made available (just
+  // before the kick) and when its used element was seen. Unset (epoch) when
+  // the transport does not track them.
+  std::chrono::steady_clock::time_point posted{};
+  std::chrono::steady_clock::time_point used{};
 };
 
 // Thread safe. The buddy allocator is shared with the workload; every access
@@ -123,6 +130,7 @@ class PageReporting {
   void set_wakeup(std::function<void()> fn);
 
  private:
+  int pass_budget() const;  // Linux per-list budget for a new pass; zone lock held
   // IDLE -> REQUESTED (deadline now + delay, or set by the next poll() if
   // `now` is unknown), ACTIVE -> REQUESTED. Returns true if a pass was newly
   // scheduled (wake the poller). mu_ held.
