@@ -181,6 +181,10 @@ void finish(PendingRequest& r) {
   const double secs = std::chrono::duration<double>(Clock::now() - r.taken).count();
   r.session->context().metrics.observe_request_latency(r.first_node, secs);
   r.session->return_chain(r.queue, r.head);
+  // Nothing needs the session or the mappings any more: drop them now, not
+  // whenever the last copy of the completion callback happens to go away.
+  r.session.reset();
+  r.regions.clear();
 }
 
 }  // namespace

@@ -63,8 +63,12 @@ BatchResult skipped_result(const Batch& b, SkipReason why) {
 
 void call_done(Batch& b, BatchResult&& r) {
   if (!b.on_done) return;
+  // The callback is released as soon as it has run: what it captured (a
+  // session, its mappings) must not live on inside the pipeline's work list.
+  auto done = std::move(b.on_done);
+  b.on_done = nullptr;
   try {
-    b.on_done(std::move(r));
+    done(std::move(r));
   } catch (const std::exception& e) {
     log::error("reclaim", "batch completion callback threw: {}", e.what());
   } catch (...) {

@@ -39,8 +39,8 @@ struct Daemon {
   reclaim::SyscallDiscarder discarder;
   reclaim::PolicyTable policy{topo.node_count()};
   reclaim::SysfsNodeMemoryProbe probe;
+  Metrics metrics{"", topo.node_count()};  // outlives the pipelines, as in fphd's main
   reclaim::NodePipelines pipelines{topo, discarder, policy, probe};
-  Metrics metrics{"", topo.node_count()};
   DaemonContext ctx{topo, pipelines, metrics};
   std::shared_ptr<Session> session;
   std::thread thread;
