@@ -202,7 +202,12 @@ void Session::start_ring(uint32_t idx) {
     vm_metrics_->protocol_error("ring_unmapped");
     return;
   }
-  v.ring = proto::vq::DeviceRing(static_cast<uint16_t>(num), desc, avail, used, v.base,
+  // A ring that is already running (a new kick fd or new addresses while
+  // started) continues where it is: restarting from SET_VRING_BASE's value
+  // would take chains that were already returned a second time, and their
+  // ranges may have been reallocated by the guest since.
+  const uint16_t next_avail = v.started ? v.ring.next_avail() : v.base;
+  v.ring = proto::vq::DeviceRing(static_cast<uint16_t>(num), desc, avail, used, next_avail,
                                  features_ & balloon::kFIndirectDesc, false);
   v.ring.sync_used_idx();
   v.ring_regions = table_->regions();

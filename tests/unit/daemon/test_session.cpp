@@ -360,3 +360,29 @@ TEST(Session, InflateAndDeflateQueuesAreServed) {
   EXPECT_EQ(fe.mem[32 * MiB], 0);
   EXPECT_EQ(fe.mem[34 * MiB], 0x77);  // the page after the last pfn is untouched
 }
+
+// A second SET_VRING_KICK on a running ring (QEMU may change the kick fd)
+// must not rewind the ring: chains already returned are never taken again.
+TEST(Session, NewKickFdOnARunningRingDoesNotReplayChains) {
+  Pair sp;
+  Daemon d(std::move(sp.a));
+  FrontEnd fe(std::move(sp.b));
+  fe.handshake(kFeatures);
+  fill(fe.mem + 32 * MiB, 2 * MiB, 1);
+  fe.post({{32 * MiB, 2 * MiB, true}});
+  fe.wait_used();
+  // The guest reuses the block: its new contents must survive. The
+  // descriptor slot still describes it (a driver reuses slots; only the
+  // avail index says what is new), which is what a rewound ring would read.
+  fill(fe.mem + 32 * MiB, 2 * MiB, 0x99);
+  auto* desc = reinterpret_cast<vq::Desc*>(fe.mem + kRingGpa);
+  desc[0] = {32 * MiB, static_cast<uint32_t>(2 * MiB), vq::kDescFWrite, 0};
+  UniqueFd kick2(eventfd(0, EFD_CLOEXEC));
+  ASSERT_EQ(fe.acked(vu::Request::SetVringKick, vu::encode_u64(fe.reporting_index), {kick2.get()}), 0u);
+  fe.kick = std::move(kick2);
+  fill(fe.mem + 40 * MiB, 2 * MiB, 2);
+  fe.post({{40 * MiB, 2 * MiB, true}});
+  fe.wait_used();
+  for (uint64_t i = 0; i < 2 * MiB; i += 4096) ASSERT_EQ(fe.mem[32 * MiB + i], 0x99) << i;
+  EXPECT_EQ(fe.mem[40 * MiB], 0);
+}
