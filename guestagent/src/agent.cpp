@@ -156,8 +156,16 @@ int run(const Config& c, EventSink& events) {
   hooks.after_complete = [&](const ReportRequest& r) {
     uint64_t bytes = 0;
     for (const auto& b : r.blocks) bytes += b.bytes();
-    events.emit({{"event", "report_done"}, {"id", r.id}, {"bytes", bytes},
-                 {"blocks", r.blocks.size()}});
+    json ev = {{"event", "report_done"}, {"id", r.id}, {"bytes", bytes},
+               {"blocks", r.blocks.size()}};
+    if (r.posted != Clock::time_point{} && r.used >= r.posted) {
+      // Kick to used, as the driver saw it (steady_clock = CLOCK_MONOTONIC:
+      // posted_ns can be compared with other processes' clocks).
+      ev["latency_us"] = std::chrono::duration<double, std::micro>(r.used - r.posted).count();
+      ev["posted_ns"] = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            r.posted.time_since_epoch()).count();
+    }
+    events.emit(ev);
     // A discard wave just finished: the resident set must be untouched
     // (DESIGN 3: nothing outside a reported range is ever discarded).
     if (!resident.empty()) {

@@ -147,7 +147,9 @@ bool BalloonDriver::post(const ReportRequest& r) {
   head_to_id_[*head] = r.id;
   {
     std::lock_guard lk(req_mu_);
-    requests_[r.id] = r;
+    auto& stored = requests_[r.id];
+    stored = r;
+    stored.posted = Clock::now();  // latency = kick .. used (report_done's latency_us)
   }
   log::debug("driver", "posted request {} ({} blocks) at head {}", r.id, r.blocks.size(), *head);
   kick(q);
@@ -178,6 +180,7 @@ void BalloonDriver::drain_used() {
       }
       const uint64_t id = it->second;
       head_to_id_.erase(it);
+      const auto used_at = Clock::now();
       ReportRequest req;
       {
         std::lock_guard lk(req_mu_);
@@ -188,6 +191,7 @@ void BalloonDriver::drain_used() {
         }
       }
       req.id = id;
+      req.used = used_at;
       // The device ignores nothing we could check: Linux also ignores the
       // used length (reference 1.4). Using the chain means "done".
       if (hooks_.before_complete) hooks_.before_complete(req);

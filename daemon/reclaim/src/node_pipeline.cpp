@@ -130,11 +130,16 @@ struct NodePipelines::Node {
 
   // One unit of pipeline work: a batch and what became of it.
   struct Work {
+    uint64_t seq = 0;
     Batch batch;
     NodeMemory memory;
     BatchResult result;
     bool completed = false;
   };
+
+  // Batches one pipeline run may take before it ends and a new run starts
+  // (bounds the run's bookkeeping when the node never goes idle).
+  static constexpr size_t kMaxBatchesPerRun = 4096;
 
   const int index;
   const int os_index;
@@ -143,6 +148,7 @@ struct NodePipelines::Node {
   NodeMemoryProbe& probe;
   const PipelineOptions opts;
   int max_tokens = 1;
+  int threads = 1;  // the arena's concurrency
   std::optional<tbb::task_arena> arena;
   NodeCounters counters;
 
@@ -153,6 +159,7 @@ struct NodePipelines::Node {
   std::deque<std::pair<uint64_t, Batch>> queue;  // (sequence, batch)
   std::set<uint64_t> in_flight;                  // sequences submitted, not completed
   uint64_t next_seq = 0;
+  int in_pipeline = 0;  // batches the running pipeline took and has not completed
   bool stopping = false;
   std::atomic<bool> stop_flag{false};  // stopping, readable without mu
   std::thread dispatcher;
@@ -168,11 +175,11 @@ struct NodePipelines::Node {
   Clock::time_point refilled_at = Clock::now();
 
   void run();
-  void run_pipeline(std::deque<std::pair<uint64_t, Batch>>& work);
+  void run_pipeline();
   NodeMemory read_memory();
   void process(Work& w);
   bool take_tokens(uint64_t bytes, uint64_t rate, const Batch& b);
-  void complete(uint64_t seq, Batch& b, BatchResult&& r);
+  void complete(uint64_t seq, Batch& b, BatchResult&& r, bool from_pipeline = false);
 };
 
 NodeMemory NodePipelines::Node::read_memory() {
@@ -268,7 +275,7 @@ void NodePipelines::Node::process(Work& w) {
   }
 }
 
-void NodePipelines::Node::complete(uint64_t seq, Batch& b, BatchResult&& r) {
+void NodePipelines::Node::complete(uint64_t seq, Batch& b, BatchResult&& r, bool from_pipeline) {
   counters.batches.fetch_add(1, std::memory_order_relaxed);
   counters.discarded_bytes.fetch_add(r.discarded_bytes, std::memory_order_relaxed);
   counters.skipped_bytes.fetch_add(r.skipped_bytes, std::memory_order_relaxed);
@@ -281,44 +288,65 @@ void NodePipelines::Node::complete(uint64_t seq, Batch& b, BatchResult&& r) {
   std::lock_guard lk(mu);
   in_flight.erase(seq);
   counters.queued.fetch_sub(1, std::memory_order_relaxed);
+  if (from_pipeline) {
+    --in_pipeline;
+    cv.notify_all();  // a source waiting for work may have to end the run
+  }
   done_cv.notify_all();
 }
 
-void NodePipelines::Node::run_pipeline(std::deque<std::pair<uint64_t, Batch>>& queued) {
-  // Allocated up front so that nothing in the stages needs memory for
-  // bookkeeping, and so that the fallback below can find every batch.
-  std::vector<Work> work(queued.size());
-  std::vector<uint64_t> seqs(queued.size());
-  for (size_t i = 0; i < queued.size(); ++i) {
-    seqs[i] = queued[i].first;
-    work[i].batch = std::move(queued[i].second);
-  }
-  queued.clear();
-  size_t next = 0;
+// One pipeline run: it lasts while the node has work. The source takes
+// batches from the node's queue itself, one at a time, so a batch submitted
+// while others are being discarded starts as soon as a thread is free,
+// instead of waiting until every batch of a snapshot is done (with guests
+// that keep one request in flight, as Linux does, that barrier left a thread
+// idle at the end of every snapshot while the next requests sat queued).
+// With the queue empty and batches still running, the source waits for the
+// next submit: the thread running it has nothing else to do (max_tokens <=
+// threads, so no taken batch waits for a thread meanwhile). With nothing
+// running either, the run ends and the dispatcher waits for work.
+void NodePipelines::Node::run_pipeline() {
+  // Stable addresses: the deque only grows at the back, by the serial source.
+  std::deque<Work> work;
   try {
     arena->execute([&] {
       tbb::parallel_pipeline(
           static_cast<size_t>(max_tokens),
-          tbb::make_filter<void, size_t>(tbb::filter_mode::serial_in_order,
-                                         [&](tbb::flow_control& fc) -> size_t {
-                                           if (next == work.size()) {
-                                             fc.stop();
-                                             return 0;
-                                           }
-                                           work[next].memory = read_memory();
-                                           return next++;
-                                         }) &
-              tbb::make_filter<size_t, size_t>(tbb::filter_mode::parallel,
-                                               [&](size_t i) {
-                                                 process(work[i]);
-                                                 return i;
-                                               }) &
-              tbb::make_filter<size_t, void>(tbb::filter_mode::serial_out_of_order,
-                                             [&](size_t i) {
-                                               work[i].completed = true;
-                                               complete(seqs[i], work[i].batch,
-                                                        std::move(work[i].result));
-                                             }));
+          tbb::make_filter<void, Work*>(
+              tbb::filter_mode::serial_in_order,
+              [&](tbb::flow_control& fc) -> Work* {
+                std::unique_lock lk(mu);
+                if (work.size() >= kMaxBatchesPerRun) {
+                  fc.stop();
+                  return nullptr;
+                }
+                cv.wait(lk, [&] {
+                  return stopping || !queue.empty() || in_pipeline == 0 || in_pipeline >= threads;
+                });
+                if (queue.empty() || stopping) {
+                  fc.stop();  // stop() completes whatever is queued itself
+                  return nullptr;
+                }
+                Work& w = work.emplace_back();
+                w.seq = queue.front().first;
+                w.batch = std::move(queue.front().second);
+                queue.pop_front();
+                ++in_pipeline;
+                lk.unlock();
+                w.memory = read_memory();
+                return &w;
+              }) &
+              tbb::make_filter<Work*, Work*>(tbb::filter_mode::parallel,
+                                             [&](Work* w) {
+                                               process(*w);
+                                               return w;
+                                             }) &
+              tbb::make_filter<Work*, void>(tbb::filter_mode::serial_out_of_order,
+                                            [&](Work* w) {
+                                              w->completed = true;
+                                              complete(w->seq, w->batch, std::move(w->result), true);
+                                              w->batch = Batch{};  // drop the callback's captures now
+                                            }));
     });
   } catch (const std::exception& e) {
     log::error("reclaim", "node {} pipeline failed: {}", index, e.what());
@@ -327,10 +355,10 @@ void NodePipelines::Node::run_pipeline(std::deque<std::pair<uint64_t, Batch>>& q
   }
   // Stages catch everything, so this only runs if TBB itself failed: the
   // batches still owed a completion get one, with nothing claimed discarded.
-  for (size_t i = 0; i < work.size(); ++i) {
-    if (!work[i].completed) {
-      work[i].completed = true;
-      complete(seqs[i], work[i].batch, skipped_result(work[i].batch, SkipReason::Failed));
+  for (auto& w : work) {
+    if (!w.completed) {
+      w.completed = true;
+      complete(w.seq, w.batch, skipped_result(w.batch, SkipReason::Failed), true);
     }
   }
 }
@@ -339,15 +367,13 @@ void NodePipelines::Node::run() {
   const std::string name = "fph-reclaim-" + std::to_string(index);
   pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
   for (;;) {
-    std::deque<std::pair<uint64_t, Batch>> work;
     {
       std::unique_lock lk(mu);
       cv.wait(lk, [&] { return stopping || !queue.empty(); });
       // stop() completes whatever is queued itself, under this lock.
       if (queue.empty()) return;
-      work.swap(queue);
     }
-    run_pipeline(work);
+    run_pipeline();
   }
 }
 
@@ -377,7 +403,10 @@ NodePipelines::NodePipelines(const Topology& topo, Discarder& discarder, PolicyT
     const int threads = opts.threads_per_node > 0
                             ? opts.threads_per_node
                             : std::max(1, static_cast<int>(info.cpus.size()));
-    n->max_tokens = opts.max_tokens_per_node > 0 ? opts.max_tokens_per_node : 2 * threads;
+    // One token per thread: a batch is one unit of work from source to sink,
+    // and the source may wait for work only while a thread is spare.
+    n->max_tokens = opts.max_tokens_per_node > 0 ? opts.max_tokens_per_node : threads;
+    n->threads = threads;
     if (std::find(tbb_nodes.begin(), tbb_nodes.end(), info.os_index) != tbb_nodes.end()) {
       tbb::task_arena::constraints c;
       c.set_numa_id(info.os_index);

@@ -55,7 +55,7 @@ struct Batch {
 };
 
 struct PipelineOptions {
-  int max_tokens_per_node = 0;      // 0 = 2 * threads of the node
+  int max_tokens_per_node = 0;      // 0 = threads of the node (one batch per thread)
   int threads_per_node = 0;         // 0 = the node's CPU count (at least 1)
   bool coalesce = true;             // merge adjacent ranges of the same fd
   uint64_t max_coalesced_bytes = 64ull << 20;

@@ -1,0 +1,15 @@
+# fph-bench: end-to-end reclaim throughput, latency and CPU of the real fphd
+# and fph-guest binaries against the raw fallocate limit (see fph_bench.cpp).
+add_executable(fph-bench ${CMAKE_CURRENT_LIST_DIR}/fph_bench.cpp)
+target_link_libraries(fph-bench PRIVATE benchmark::benchmark nlohmann_json::nlohmann_json Threads::Threads)
+target_compile_definitions(fph-bench PRIVATE
+  FPH_FPHD_PATH="$<TARGET_FILE:fphd>" FPH_GUEST_PATH="$<TARGET_FILE:fph-guest>")
+add_dependencies(fph-bench fphd fph-guest)
+
+if(FPH_BUILD_TESTS)
+  # Smoke test so the bench cannot rot: a tiny run that must reclaim what the
+  # guests freed (fph-bench exits 1 otherwise). No timing is asserted.
+  add_test(NAME bench_smoke
+           COMMAND fph-bench --quick --guests=1,4 --backing=shmem --repetitions=1)
+  set_tests_properties(bench_smoke PROPERTIES LABELS bench RUN_SERIAL TRUE TIMEOUT 300)
+endif()
