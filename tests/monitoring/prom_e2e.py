@@ -36,7 +36,8 @@ PATIENCE = float(os.environ.get("FPH_TEST_PATIENCE_S", "300"))
 # no pressure, fast requests) keeps empty.
 HEALTHY_EMPTY = {"FphdDown", "FphdHighRequestLatency", "FphdNodePressureWhileReclaimPaused"}
 # Made to return data by the scenario: a malformed message, a poisoned guest.
-MUST_FIRE = {"FphdProtocolErrors", "FphdReportingButNothingReclaimed"}
+# Alert -> the vm label values it must return.
+MUST_FIRE = {"FphdProtocolErrors": None, "FphdReportingButNothingReclaimed": {"prom-poison"}}
 
 
 def free_port():
@@ -107,9 +108,11 @@ def main():
                     os.path.join(tmp, "guest2.stderr"))
         # A guest with page poisoning: its reports are skipped (reason poisoned),
         # its state is disabled (poison), and it is the VM the "reporting but
-        # nothing reclaimed" alert is about.
+        # nothing reclaimed" alert is about. Churn, so that it keeps reporting
+        # (an alloc-free loop reallocates its unreported blocks first and
+        # reports only once).
         procs.start([a.guest, "--connect", sock, "--name", "prom-poison", "--memory", "128M",
-                     "--poison", "aaaaaaaa", "--workload", "alloc-free:64M:300", "--repeat", "1000000",
+                     "--poison", "aaaaaaaa", "--workload", "churn:64M:3600",
                      "--reporting-delay-ms", "200"], os.path.join(tmp, "guest3.stderr"))
         # Prometheus: own config, own storage, loopback port, our rules.
         port = free_port()
@@ -188,9 +191,15 @@ scrape_configs:
                 continue
             n = len(r["data"]["result"])
             if name in MUST_FIRE:
-                if not wait_for(f"{where} to return data", lambda: nonempty(expr)):
+                want = MUST_FIRE[name]
+
+                def fires(expr=expr, want=want):
+                    vms = {r["metric"].get("vm") for r in query(expr)["data"]["result"]}
+                    return vms == want if want is not None else len(vms) > 0
+                if not wait_for(f"{where} to fire for vm {want}", fires):
                     continue
-                print(f"ok    {where}: evaluates, {len(query(expr)['data']['result'])} series (expected: fires)")
+                got = sorted({r["metric"].get("vm") for r in query(expr)["data"]["result"]})
+                print(f"ok    {where}: evaluates, fires for vm {got} (expected)")
             elif name in HEALTHY_EMPTY:
                 for m in sorted(metric_names(expr)):
                     if not nonempty(m):

@@ -7,8 +7,10 @@
 // Cost: two fstat calls per discard syscall group (a coalesced range of up to
 // 64 MiB), nothing per page. Concurrent discards of the same file would blur
 // each other's before/after, so the measured section is serialised per fd
-// (striped locks). The kernel already serialises hole punches on one inode
-// (shmem and hugetlbfs take the inode lock), so this costs no parallelism.
+// (256 striped locks, by fd number). The kernel already serialises hole
+// punches on one inode (shmem and hugetlbfs take the inode lock), so this
+// costs no parallelism for one VM; two VMs whose fds share a stripe (1 in
+// 256) serialise their discards with each other.
 // A guest faulting pages into the same file during the syscall can only make
 // the drop look smaller: the measurement errs on the side of "freed less".
 #pragma once
@@ -27,7 +29,7 @@ class VerifyingDiscarder final : public Discarder {
 
  private:
   Discarder& inner_;
-  std::array<std::mutex, 64> stripes_;
+  std::array<std::mutex, 256> stripes_;
 };
 
 }  // namespace fph::reclaim
