@@ -66,6 +66,10 @@ def main():
         errors.append("$datasource must be a prometheus datasource variable")
 
     exported, families = exported_metrics(a.metrics_cpp)
+    src = open(a.metrics_cpp).read()
+    for f in sorted(families):
+        if not re.search(r'\.Name\("' + f + r'"\)\s*\.Help\("[^"]{10,}', src):
+            errors.append(f"metric {f} has no HELP text in {a.metrics_cpp}")
     rules = rules_exprs(a.rules)
     recorded = {name for _, _, kind, name in rules if kind == "record"}
     known = exported | recorded | {"up"}

@@ -328,3 +328,56 @@ TEST(Observability, HugetlbBackingWithSmallReportsIsMisaligned) {
     EXPECT_EQ(d.value("fphd_vm_reclaim_state", vm("state", "active")), 1);
   }
 }
+
+// The other session-level reasons: a disabled ring (stopped) and a range
+// outside guest memory (invalid, also a protocol error).
+TEST(Observability, DisabledRingAndInvalidRangesAreSkippedWithTheirReasons) {
+  Pair sp;
+  Daemon d(std::move(sp.a));
+  FrontEnd fe(std::move(sp.b));
+  fe.handshake(kFeatures);
+  fill(fe.mem + 32 * MiB, 2 * MiB, 0x51);
+  fe.report({{kRam + 4 * MiB, static_cast<uint32_t>(2 * MiB), true}});
+  EXPECT_EQ(d.value("fphd_skipped_bytes_total", vm("reason", "invalid")), 2.0 * MiB);
+  EXPECT_EQ(d.value("fphd_protocol_errors_total", vm("reason", "range_outside_guest_memory")), 1);
+  ASSERT_EQ(fe.acked(vu::Request::SetVringEnable, vu::encode_vring_state({fe.reporting_index, 0})), 0u);
+  const int64_t before = blocks_bytes(fe.ram.get());
+  fe.report({{32 * MiB, static_cast<uint32_t>(2 * MiB), true}});
+  EXPECT_EQ(blocks_bytes(fe.ram.get()), before);
+  EXPECT_EQ(d.value("fphd_skipped_bytes_total", vm("reason", "stopped")), 2.0 * MiB);
+  d.sample();
+  EXPECT_EQ(d.value("fphd_vm_reclaim_state", vm("state", "migrating")), 1);
+}
+
+namespace {
+struct FakeProbe final : reclaim::NodeMemoryProbe {
+  reclaim::NodeMemory m;
+  reclaim::NodeMemory read(int) override { return m; }
+};
+}  // namespace
+
+TEST(NodeCollector, PublishesMemoryPressureAndThePolicyVerdict) {
+  auto topo = reclaim::Topology::from_synthetic("node:2 core:1 pu:1");
+  ASSERT_TRUE(topo);
+  FakeProbe probe;
+  probe.m = {1000 * MiB, 50 * MiB, 12.5, true};  // 5% free: below the 10% watermark
+  reclaim::PolicyTable policy(2);
+  Metrics m("", 2);
+  NodeCollector c(*topo, probe, policy, m);
+  c.sample();
+  std::map<std::string, double> v;
+  for (const auto& fam : m.registry()->Collect())
+    for (const auto& s : fam.metric)
+      for (const auto& l : s.label)
+        if (l.name == "node" && l.value == "1") v[fam.name] = s.gauge.value;
+  EXPECT_EQ(v["fphd_node_memory_total_bytes"], 1000.0 * MiB);
+  EXPECT_EQ(v["fphd_node_memory_free_bytes"], 50.0 * MiB);
+  EXPECT_DOUBLE_EQ(v["fphd_node_pressure"], 0.125);
+  EXPECT_EQ(v["fphd_node_under_pressure"], 1);
+  probe.m.free_bytes = 500 * MiB;
+  probe.m.psi_some_avg10 = 0;
+  c.sample();
+  for (const auto& fam : m.registry()->Collect())
+    if (fam.name == "fphd_node_under_pressure")
+      for (const auto& s : fam.metric) EXPECT_EQ(s.gauge.value, 0);
+}
