@@ -8,6 +8,9 @@ add_library(fph_daemon STATIC
   src/queue_service.cpp
   src/metrics.cpp
   src/server.cpp
+  src/refault_sampler.cpp
+  src/node_collector.cpp
+  src/sampler.cpp
 )
 add_library(fph::daemon ALIAS fph_daemon)
 target_include_directories(fph_daemon PUBLIC include)

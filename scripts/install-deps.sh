@@ -10,7 +10,8 @@ PACKAGES=(
   libtomlplusplus-dev libsystemd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang
-  curl python3
+  curl python3 python3-yaml
+  prometheus
 )
 
 SUDO=""

@@ -8,10 +8,12 @@
 
 #include "fph/common/log.h"
 #include "fph/daemon/metrics.h"
+#include "fph/daemon/sampler.h"
 #include "fph/daemon/server.h"
 #include "fph/reclaim/node_pipeline.h"
 #include "fph/reclaim/policy.h"
 #include "fph/reclaim/topology.h"
+#include "fph/reclaim/verified_discard.h"
 
 using namespace fph;
 
@@ -109,7 +111,8 @@ int main(int argc, char** argv) {
   np.prefer_madvise = prefer_madvise;
   reclaim::PolicyTable policy(topo.node_count(), np);
   reclaim::SysfsNodeMemoryProbe probe;
-  reclaim::SyscallDiscarder discarder;
+  reclaim::SyscallDiscarder syscalls;
+  reclaim::VerifyingDiscarder discarder(syscalls);  // measures what each discard freed
   reclaim::PipelineOptions popts;
   popts.threads_per_node = threads_per_node;
 
@@ -128,6 +131,10 @@ int main(int argc, char** argv) {
     std::cerr << "fphd: " << r.error() << "\n";
     return 1;
   }
+  // Node view, resident bytes, reclaim state and refaults (docs/metrics.md).
+  daemon::NodeCollector node_collector(topo, probe, policy, *metrics);
+  daemon::Sampler sampler(*metrics, &node_collector, std::chrono::seconds(1));
+  sampler.start([&server] { return server.sessions(); });
 
   std::string socks;
   for (const auto& p : server.socket_paths()) socks += (socks.empty() ? "\"" : ",\"") + p + "\"";
@@ -141,6 +148,7 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&sigs, &sig);
   log::info("fphd", "signal {}: draining sessions", sig);
+  sampler.stop();
   server.stop();
   pipelines.drain();
   pipelines.stop();

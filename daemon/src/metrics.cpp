@@ -25,6 +25,25 @@ std::string_view to_string(RequestOutcome o) {
   return "?";
 }
 
+std::string_view to_string(ReclaimState s) {
+  switch (s) {
+    case ReclaimState::Active: return "active";
+    case ReclaimState::Paused: return "paused";
+    case ReclaimState::Migrating: return "migrating";
+    case ReclaimState::Disabled: return "disabled";
+  }
+  return "?";
+}
+
+std::string_view to_string(DisabledReason r) {
+  switch (r) {
+    case DisabledReason::Poison: return "poison";
+    case DisabledReason::NoReporting: return "no_reporting";
+    case DisabledReason::MisalignedBacking: return "misaligned_backing";
+  }
+  return "?";
+}
+
 namespace {
 prometheus::Histogram::BucketBoundaries latency_buckets() {
   // 50 us .. ~26 s, x2 per bucket: a 4 KiB-shmem request of 64 MiB takes
@@ -80,6 +99,65 @@ Metrics::Metrics(const std::string& bind, int nodes)
                       .Name("fphd_build_info")
                       .Help("Always 1; the labels carry the fphd version.")
                       .Register(*registry_)),
+      reclaimed_bytes_(BuildCounter()
+                           .Name("fphd_reclaimed_bytes_total")
+                           .Help("Bytes the kernel stopped holding for the VM's memory, measured from the backing file's "
+                                 "allocated blocks (st_blocks) before and after each discard, by VM and node.")
+                           .Register(*registry_)),
+      freed_nothing_(BuildCounter()
+                         .Name("fphd_discards_freed_nothing_total")
+                         .Help("Discard syscall groups the kernel accepted that did not lower the backing's allocated "
+                               "blocks (the range was not populated, or already freed), by VM and node.")
+                         .Register(*registry_)),
+      refaulted_bytes_(BuildCounter()
+                           .Name("fphd_refaulted_bytes_total")
+                           .Help("Discarded bytes found resident again within the refault window (sampled with "
+                                 "mincore on fphd's mapping), by VM.")
+                           .Register(*registry_)),
+      node_discarded_(BuildCounter()
+                          .Name("fphd_node_discarded_bytes_total")
+                          .Help("Bytes discarded (syscall accepted) on a host NUMA node, all VMs, since fphd started.")
+                          .Register(*registry_)),
+      node_reclaimed_(BuildCounter()
+                          .Name("fphd_node_reclaimed_bytes_total")
+                          .Help("Bytes measured as freed (st_blocks) on a host NUMA node, all VMs, since fphd started.")
+                          .Register(*registry_)),
+      resident_(BuildGauge()
+                    .Name("fphd_guest_resident_bytes")
+                    .Help("Bytes the kernel holds for the VM's memory (allocated blocks of its region files, sampled).")
+                    .Register(*registry_)),
+      features_(BuildGauge()
+                    .Name("fphd_vm_features")
+                    .Help("Virtio and vhost-user feature bits the VM's front end acked (SET_FEATURES), as a number.")
+                    .Register(*registry_)),
+      reclaim_state_(BuildGauge()
+                         .Name("fphd_vm_reclaim_state")
+                         .Help("Reclaim state of the VM: 1 for the current state (active, paused, migrating, "
+                               "disabled), 0 for the others; all 0 while the VM is still negotiating.")
+                         .Register(*registry_)),
+      reclaim_disabled_(BuildGauge()
+                            .Name("fphd_vm_reclaim_disabled")
+                            .Help("1 if reclaim is disabled for the VM for this reason (poison, no_reporting, "
+                                  "misaligned_backing), else 0.")
+                            .Register(*registry_)),
+      node_total_(BuildGauge()
+                      .Name("fphd_node_memory_total_bytes")
+                      .Help("Memory of the host NUMA node (node meminfo MemTotal; /proc/meminfo without NUMA).")
+                      .Register(*registry_)),
+      node_free_(BuildGauge()
+                     .Name("fphd_node_memory_free_bytes")
+                     .Help("Free memory of the host NUMA node (node meminfo MemFree; /proc/meminfo without NUMA).")
+                     .Register(*registry_)),
+      node_pressure_(BuildGauge()
+                         .Name("fphd_node_pressure")
+                         .Help("Memory pressure: PSI memory 'some' avg10 as a ratio 0..1 (system-wide; the kernel "
+                               "has no per-node PSI).")
+                         .Register(*registry_)),
+      node_under_pressure_(BuildGauge()
+                               .Name("fphd_node_under_pressure")
+                               .Help("1 if the node is under pressure by its discard policy (free fraction below the "
+                                     "watermark or PSI above the threshold), else 0.")
+                               .Register(*registry_)),
       request_latency_(BuildHistogram()
                            .Name("fphd_request_duration_seconds")
                            .Help("Time from taking a reporting request off the ring to returning it, by node.")
@@ -100,6 +178,11 @@ Metrics::Metrics(const std::string& bind, int nodes)
       sc[m] = &syscalls_.Add(
           {{"node", node}, {"method", std::string(reclaim::to_string(static_cast<reclaim::Method>(m)))}});
     syscalls_by_node_.push_back(sc);
+    node_discarded_by_node_.push_back(&node_discarded_.Add({{"node", node}}));
+    node_reclaimed_by_node_.push_back(&node_reclaimed_.Add({{"node", node}}));
+    node_gauges_.push_back({&node_total_.Add({{"node", node}}), &node_free_.Add({{"node", node}}),
+                            &node_pressure_.Add({{"node", node}}),
+                            &node_under_pressure_.Add({{"node", node}})});
   }
   if (!bind.empty()) {
     exposer_ = std::make_unique<prometheus::Exposer>(bind);
@@ -139,6 +222,16 @@ void Metrics::discard_syscalls(int node, reclaim::Method m, uint64_t n) {
     syscalls_by_node_[node][static_cast<size_t>(m)]->Increment(static_cast<double>(n));
 }
 
+void Metrics::set_node_memory(int node, uint64_t total, uint64_t free, double pressure,
+                              bool under_pressure) {
+  if (node < 0 || node >= nodes_) return;
+  auto& g = node_gauges_[node];
+  g.total->Set(static_cast<double>(total));
+  g.free->Set(static_cast<double>(free));
+  g.pressure->Set(pressure);
+  g.under_pressure->Set(under_pressure ? 1 : 0);
+}
+
 std::shared_ptr<VmMetrics> Metrics::acquire_vm(const std::string& vm) {
   std::lock_guard lk(vms_mu_);
   sweep_locked();
@@ -173,6 +266,19 @@ VmMetrics::VmMetrics(Metrics& m, std::string vm, int nodes) : m_(m), vm_(std::mo
         {{"vm", vm_}, {"outcome", std::string(to_string(static_cast<RequestOutcome>(o)))}});
   inflight_ = &m_.inflight_.Add({{"vm", vm_}});
   guest_memory_ = &m_.guest_memory_.Add({{"vm", vm_}});
+  resident_ = &m_.resident_.Add({{"vm", vm_}});
+  features_ = &m_.features_.Add({{"vm", vm_}});
+  refaulted_ = &m_.refaulted_bytes_.Add({{"vm", vm_}});
+  for (int n = 0; n < nodes; ++n) {
+    reclaimed_.push_back(&m_.reclaimed_bytes_.Add({{"vm", vm_}, {"node", std::to_string(n)}}));
+    freed_nothing_.push_back(&m_.freed_nothing_.Add({{"vm", vm_}, {"node", std::to_string(n)}}));
+  }
+  for (size_t i = 0; i < kReclaimStates; ++i)
+    state_[i] = &m_.reclaim_state_.Add(
+        {{"vm", vm_}, {"state", std::string(to_string(static_cast<ReclaimState>(i)))}});
+  for (size_t i = 0; i < kDisabledReasons; ++i)
+    disabled_[i] = &m_.reclaim_disabled_.Add(
+        {{"vm", vm_}, {"reason", std::string(to_string(static_cast<DisabledReason>(i)))}});
 }
 
 VmMetrics::~VmMetrics() {
@@ -188,6 +294,13 @@ VmMetrics::~VmMetrics() {
   for (auto& [k, c] : errors_) m_.protocol_errors_.Remove(c);
   m_.inflight_.Remove(inflight_);
   m_.guest_memory_.Remove(guest_memory_);
+  m_.resident_.Remove(resident_);
+  m_.features_.Remove(features_);
+  m_.refaulted_bytes_.Remove(refaulted_);
+  for (auto* c : reclaimed_) m_.reclaimed_bytes_.Remove(c);
+  for (auto* c : freed_nothing_) m_.freed_nothing_.Remove(c);
+  for (auto* g : state_) m_.reclaim_state_.Remove(g);
+  for (auto* g : disabled_) m_.reclaim_disabled_.Remove(g);
 }
 
 void VmMetrics::reported(int node, uint64_t bytes) {
@@ -210,10 +323,13 @@ void VmMetrics::discarded(int node, reclaim::Method method, uint64_t bytes) {
     }
   }
   c->Increment(static_cast<double>(bytes));
+  discarded_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  m_.node_discarded_by_node_[node]->Increment(static_cast<double>(bytes));
 }
 
 void VmMetrics::skipped(reclaim::SkipReason r, uint64_t bytes) {
   if (bytes == 0) return;
+  if (r == reclaim::SkipReason::Misaligned) misaligned_bytes_.fetch_add(bytes, std::memory_order_relaxed);
   auto& slot = skipped_[static_cast<size_t>(r)];
   prometheus::Counter* c = __atomic_load_n(&slot, __ATOMIC_ACQUIRE);
   if (!c) {
@@ -239,5 +355,28 @@ void VmMetrics::protocol_error(const std::string& reason) {
 
 void VmMetrics::set_inflight(int64_t n) { inflight_->Set(static_cast<double>(n)); }
 void VmMetrics::set_guest_memory(uint64_t b) { guest_memory_->Set(static_cast<double>(b)); }
+void VmMetrics::set_resident(uint64_t b) { resident_->Set(static_cast<double>(b)); }
+void VmMetrics::set_features(uint64_t f) { features_->Set(static_cast<double>(f)); }
+void VmMetrics::refaulted(uint64_t b) {
+  if (b) refaulted_->Increment(static_cast<double>(b));
+}
+
+void VmMetrics::reclaimed(int node, uint64_t bytes) {
+  if (node < 0 || node >= nodes_ || bytes == 0) return;
+  reclaimed_[node]->Increment(static_cast<double>(bytes));
+  m_.node_reclaimed_by_node_[node]->Increment(static_cast<double>(bytes));
+}
+
+void VmMetrics::freed_nothing(int node) {
+  if (node >= 0 && node < nodes_) freed_nothing_[node]->Increment();
+}
+
+void VmMetrics::set_reclaim_state(std::optional<ReclaimState> state,
+                                  std::optional<DisabledReason> reason) {
+  for (size_t i = 0; i < kReclaimStates; ++i)
+    state_[i]->Set(state && static_cast<size_t>(*state) == i ? 1 : 0);
+  for (size_t i = 0; i < kDisabledReasons; ++i)
+    disabled_[i]->Set(state == ReclaimState::Disabled && reason && static_cast<size_t>(*reason) == i ? 1 : 0);
+}
 
 }  // namespace fph::daemon

@@ -170,6 +170,31 @@ struct PendingRequest {
   std::vector<std::shared_ptr<MappedRegion>> regions;  // keep mappings alive
 };
 
+// Verified reclaim (the discarder measured the backing's allocated blocks
+// around the syscall) and the refault sampler's record of what was discarded.
+void account_verified(PendingRequest& req, int node, const reclaim::RangeResult& rr) {
+  const auto& o = rr.outcome;
+  if (o.discarded_bytes == 0) return;
+  auto& vm = req.session->metrics();
+  if (o.freed_bytes > 0) vm.reclaimed(node, static_cast<uint64_t>(o.freed_bytes));
+  else if (o.freed_bytes == 0) vm.freed_nothing(node);
+  const auto& t = rr.target;
+  if (!t.addr) return;
+  // What the syscall covered: hugetlb ranges are rounded inward to whole pages.
+  uint64_t skip = 0;
+  uint64_t len = t.length;
+  if (t.backing == reclaim::Backing::Hugetlb && t.page_size > kHostPage) {
+    skip = (t.page_size - t.fd_offset % t.page_size) % t.page_size;
+    len = skip < len ? (len - skip) / t.page_size * t.page_size : 0;
+  }
+  for (const auto& region : req.regions) {
+    if (t.addr >= region->map_base && t.addr + t.length <= region->map_base + region->map_len) {
+      req.session->refaults().discarded(region, t.addr + skip, len);
+      return;
+    }
+  }
+}
+
 void finish(PendingRequest& r) {
   auto& m = r.session->metrics();
   RequestOutcome o;
@@ -282,6 +307,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
             const auto& o = rr.outcome;
             vm.discarded(r.node, o.method, o.discarded_bytes);
             vm.skipped(o.skip == SkipReason::None ? SkipReason::Failed : o.skip, o.skipped_bytes);
+            account_verified(*req, r.node, rr);
             metrics.discard_syscalls(r.node, o.method, o.syscalls);
             if (o.error != 0)
               log::warn("discard", "vm={} node={} {} of {} bytes at offset 0x{:x} failed: {}",

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -39,6 +40,7 @@ Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
 
 Session::~Session() {
   vm_metrics_->set_inflight(0);
+  vm_metrics_->clear_state();
   vm_metrics_.reset();
   ctx_.metrics.release_vm(name_);
   ctx_.metrics.session_closed();
@@ -68,7 +70,19 @@ SessionInfo Session::info() const {
   i.inflight = inflight_total_;
   i.paused = paused_;
   i.poison_val = config_.poison_val;
+  i.features_set = features_set_;
+  if (layout_.reporting >= 0 && layout_.reporting < static_cast<int>(kMaxQueues)) {
+    const Vring& r = vrings_[layout_.reporting];
+    i.reporting_live = r.started && r.enabled;
+    i.reporting_ever_started = r.ever_started;
+  }
+  for (const auto& r : table_->regions()) i.max_page_size = std::max(i.max_page_size, r->page_size);
   return i;
+}
+
+std::shared_ptr<const MemoryTable> Session::table() const {
+  std::lock_guard lk(mu_);
+  return table_;
 }
 
 reclaim::SkipReason Session::skip_reason(uint32_t queue) const {
@@ -212,6 +226,7 @@ void Session::start_ring(uint32_t idx) {
   v.ring.sync_used_idx();
   v.ring_regions = table_->regions();
   v.started = true;
+  v.ever_started = true;
   log::debug("session", "vm={} vring {} ({}) started: num={} base={}", name_, idx,
              balloon::to_string(layout_.role(idx)), num, v.base);
 }
@@ -234,6 +249,7 @@ void Session::reset_device() {
   std::lock_guard lk(mu_);
   for (auto& v : vrings_) {
     v.enabled = false;
+    v.ever_started = false;
     v.base = 0;
     v.addr_set = false;
     v.num = 0;

@@ -15,10 +15,12 @@
 #include <prometheus/registry.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +35,16 @@ inline constexpr size_t kSkipReasons = 9;  // reclaim::SkipReason values
 enum class RequestOutcome : uint8_t { Discarded, Partial, Skipped, Invalid, Cancelled };
 inline constexpr size_t kOutcomes = 5;
 std::string_view to_string(RequestOutcome o);
+
+// Reclaim state of a VM (fphd_vm_reclaim_state, a state set: exactly one is 1
+// once the VM has negotiated its features; none while it is still setting up).
+enum class ReclaimState : uint8_t { Active, Paused, Migrating, Disabled };
+inline constexpr size_t kReclaimStates = 4;
+std::string_view to_string(ReclaimState s);
+// Why reclaim is disabled for a VM (fphd_vm_reclaim_disabled{reason}).
+enum class DisabledReason : uint8_t { Poison, NoReporting, MisalignedBacking };
+inline constexpr size_t kDisabledReasons = 3;
+std::string_view to_string(DisabledReason r);
 
 class Metrics;
 
@@ -51,6 +63,22 @@ class VmMetrics {
   void protocol_error(const std::string& reason);
   void set_inflight(int64_t n);
   void set_guest_memory(uint64_t bytes);
+  // Verified reclaim: bytes the kernel stopped holding (measured around the
+  // discard), and discard groups the kernel accepted that freed nothing.
+  void reclaimed(int node, uint64_t bytes);
+  void freed_nothing(int node);
+  void refaulted(uint64_t bytes);
+  void set_resident(uint64_t bytes);
+  void set_features(uint64_t features);
+  // `state` empty: still negotiating (every state series 0). `reason` only
+  // for Disabled.
+  void set_reclaim_state(std::optional<ReclaimState> state, std::optional<DisabledReason> reason);
+  void clear_state() { set_reclaim_state(std::nullopt, std::nullopt); }
+
+  // Cumulative counts the reclaim state is derived from (misaligned backing:
+  // reports arrive but every byte is skipped as misaligned).
+  uint64_t misaligned_bytes() const { return misaligned_bytes_.load(std::memory_order_relaxed); }
+  uint64_t discarded_bytes() const { return discarded_bytes_.load(std::memory_order_relaxed); }
 
  private:
   Metrics& m_;
@@ -62,6 +90,15 @@ class VmMetrics {
   std::array<prometheus::Counter*, kOutcomes> requests_{};
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Gauge* guest_memory_ = nullptr;
+  prometheus::Gauge* resident_ = nullptr;
+  prometheus::Gauge* features_ = nullptr;
+  prometheus::Counter* refaulted_ = nullptr;
+  std::vector<prometheus::Counter*> reclaimed_;      // [node]
+  std::vector<prometheus::Counter*> freed_nothing_;  // [node]
+  std::array<prometheus::Gauge*, kReclaimStates> state_{};
+  std::array<prometheus::Gauge*, kDisabledReasons> disabled_{};
+  std::atomic<uint64_t> misaligned_bytes_{0};
+  std::atomic<uint64_t> discarded_bytes_{0};
   std::mutex err_mu_;  // protocol errors are rare: a map is fine
   std::map<std::string, prometheus::Counter*> errors_;
   std::mutex lazy_mu_;
@@ -92,6 +129,8 @@ class Metrics {
   void session_closed();
   void protocol_error_unnamed(const std::string& reason);  // before a session has a name
   void discard_syscalls(int node, reclaim::Method m, uint64_t n);
+  // Node view (sampled by the NodeCollector).
+  void set_node_memory(int node, uint64_t total, uint64_t free, double pressure, bool under_pressure);
 
  private:
   friend class VmMetrics;
@@ -111,6 +150,28 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& guest_memory_;
   prometheus::Family<prometheus::Gauge>& sessions_;
   prometheus::Family<prometheus::Gauge>& build_info_;
+  prometheus::Family<prometheus::Counter>& reclaimed_bytes_;
+  prometheus::Family<prometheus::Counter>& freed_nothing_;
+  prometheus::Family<prometheus::Counter>& refaulted_bytes_;
+  prometheus::Family<prometheus::Counter>& node_discarded_;
+  prometheus::Family<prometheus::Counter>& node_reclaimed_;
+  prometheus::Family<prometheus::Gauge>& resident_;
+  prometheus::Family<prometheus::Gauge>& features_;
+  prometheus::Family<prometheus::Gauge>& reclaim_state_;
+  prometheus::Family<prometheus::Gauge>& reclaim_disabled_;
+  prometheus::Family<prometheus::Gauge>& node_total_;
+  prometheus::Family<prometheus::Gauge>& node_free_;
+  prometheus::Family<prometheus::Gauge>& node_pressure_;
+  prometheus::Family<prometheus::Gauge>& node_under_pressure_;
+  std::vector<prometheus::Counter*> node_discarded_by_node_;
+  std::vector<prometheus::Counter*> node_reclaimed_by_node_;
+  struct NodeGauges {
+    prometheus::Gauge* total;
+    prometheus::Gauge* free;
+    prometheus::Gauge* pressure;
+    prometheus::Gauge* under_pressure;
+  };
+  std::vector<NodeGauges> node_gauges_;
   prometheus::Family<prometheus::Histogram>& request_latency_;
   prometheus::Family<prometheus::Histogram>& discard_duration_;
   std::vector<prometheus::Histogram*> request_latency_by_node_;

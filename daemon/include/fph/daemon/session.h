@@ -19,6 +19,7 @@
 #include "fph/common/unique_fd.h"
 #include "fph/daemon/guest_memory.h"
 #include "fph/daemon/metrics.h"
+#include "fph/daemon/refault_sampler.h"
 #include "fph/daemon/vring.h"
 #include "fph/proto/balloon.h"
 #include "fph/proto/channel.h"
@@ -60,6 +61,11 @@ struct SessionInfo {
   int inflight = 0;
   bool paused = false;
   uint32_t poison_val = 0;
+  // For the reclaim state (sampler.h).
+  bool features_set = false;
+  bool reporting_live = false;          // reporting ring started and enabled
+  bool reporting_ever_started = false;  // since the last device reset
+  uint64_t max_page_size = 0;           // largest backing page size of the regions
 };
 
 class Session : public std::enable_shared_from_this<Session> {
@@ -88,6 +94,8 @@ class Session : public std::enable_shared_from_this<Session> {
   void taken_locked(uint32_t queue);
 
   VmMetrics& metrics() { return *vm_metrics_; }
+  RefaultTracker& refaults() { return *refaults_; }
+  std::shared_ptr<const MemoryTable> table() const;
   DaemonContext& context() { return ctx_; }
 
   // Session-level reason to not discard right now (poison, paused, ring
@@ -114,6 +122,7 @@ class Session : public std::enable_shared_from_this<Session> {
   UniqueFd wake_;  // eventfd: request_stop()
   std::string name_;
   std::shared_ptr<VmMetrics> vm_metrics_;
+  std::shared_ptr<RefaultTracker> refaults_ = std::make_shared<RefaultTracker>();
   std::shared_ptr<std::atomic<bool>> cancel_ = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> stopping_{false};
   std::atomic<bool> paused_{false};

@@ -24,6 +24,7 @@ struct Vring {
   UniqueFd err;
   bool started = false;       // kick fd received and ring translated; stops on GET_VRING_BASE
   bool enabled = false;       // SET_VRING_ENABLE
+  bool ever_started = false;  // started since the last device reset (reclaim state)
   proto::vq::DeviceRing ring;
   // Keeps the regions holding the ring mapped while the ring is started,
   // even if the front end removes them meanwhile.

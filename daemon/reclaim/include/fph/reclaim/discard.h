@@ -66,6 +66,10 @@ struct DiscardOutcome {
   SkipReason skip = SkipReason::None;  // reason for skipped_bytes, if any
   int error = 0;                 // errno of the failed syscall, 0 if none
   uint64_t syscalls = 0;         // number of syscalls issued (including retries)
+  // Bytes the kernel stopped holding for the backing file, measured from its
+  // allocated blocks around the syscall (VerifyingDiscarder), or -1 if not
+  // measured (no fd, or a discarder that does not measure).
+  int64_t freed_bytes = -1;
 };
 
 // The primitive for a backing. For PrivateAnon, `lazy` selects MADV_FREE over

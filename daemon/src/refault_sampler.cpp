@@ -1,0 +1,106 @@
+#include "fph/daemon/refault_sampler.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fph::daemon {
+
+namespace {
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kChunkPages = 4096;  // mincore 16 MiB at a time: a 4 KiB vector
+}  // namespace
+
+int64_t resident_bytes(const uint8_t* addr, uint64_t len) {
+  if (reinterpret_cast<uintptr_t>(addr) % kPage != 0) return -1;
+  unsigned char vec[kChunkPages];
+  int64_t resident = 0;
+  for (uint64_t off = 0; off < len; off += kChunkPages * kPage) {
+    const uint64_t n = std::min(len - off, kChunkPages * kPage);
+    if (::mincore(const_cast<uint8_t*>(addr + off), n, vec) != 0) return -1;
+    const uint64_t pages = (n + kPage - 1) / kPage;
+    for (uint64_t i = 0; i < pages; ++i) resident += (vec[i] & 1) ? static_cast<int64_t>(kPage) : 0;
+  }
+  return resident;
+}
+
+void RefaultTracker::discarded(const std::shared_ptr<MappedRegion>& region, uint8_t* addr,
+                               uint64_t len, Clock::time_point now) {
+  if (!region || len == 0 || reinterpret_cast<uintptr_t>(addr) % kPage != 0 || len % kPage != 0)
+    return;
+  std::lock_guard lk(mu_);
+  // A range discarded again supersedes older entries that overlap it.
+  for (auto it = ring_.begin(); it != ring_.end();) {
+    if (it->addr < addr + len && addr < it->addr + it->len) {
+      bytes_ -= it->len;
+      it = ring_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  ring_.push_back({next_id_++, region, addr, len, now, 0});
+  bytes_ += len;
+  evict_locked();
+}
+
+void RefaultTracker::evict_locked() {
+  while (!ring_.empty() && (ring_.size() > opts_.max_ranges || bytes_ > opts_.max_bytes)) {
+    bytes_ -= ring_.front().len;
+    ring_.pop_front();
+  }
+}
+
+uint64_t RefaultTracker::sample(Clock::time_point now) {
+  // Snapshot under the lock, mincore without it: discards never wait for a sample.
+  std::vector<Entry> snap;
+  {
+    std::lock_guard lk(mu_);
+    while (!ring_.empty() && now - ring_.front().at > opts_.window) {
+      bytes_ -= ring_.front().len;
+      ring_.pop_front();
+    }
+    snap.assign(ring_.begin(), ring_.end());
+  }
+  struct Seen {
+    uint64_t id;
+    int64_t resident;  // -1: mapping gone
+  };
+  std::vector<Seen> seen;
+  seen.reserve(snap.size());
+  for (const auto& e : snap) {
+    auto region = e.region.lock();  // keeps the mapping alive while mincore runs
+    seen.push_back({e.id, region ? resident_bytes(e.addr, e.len) : -1});
+  }
+  uint64_t added = 0;
+  std::lock_guard lk(mu_);
+  for (const auto& s : seen) {
+    auto it = std::lower_bound(ring_.begin(), ring_.end(), s.id,
+                               [](const Entry& e, uint64_t id) { return e.id < id; });
+    if (it == ring_.end() || it->id != s.id) continue;  // superseded or evicted meanwhile
+    if (s.resident < 0) {
+      bytes_ -= it->len;
+      ring_.erase(it);
+      continue;
+    }
+    const auto r = static_cast<uint64_t>(s.resident);
+    if (r > it->counted) {
+      added += r - it->counted;
+      it->counted = r;
+    }
+  }
+  return added;
+}
+
+size_t RefaultTracker::tracked_ranges() const {
+  std::lock_guard lk(mu_);
+  return ring_.size();
+}
+
+uint64_t RefaultTracker::tracked_bytes() const {
+  std::lock_guard lk(mu_);
+  return bytes_;
+}
+
+}  // namespace fph::daemon

@@ -1,0 +1,85 @@
+#include "fph/daemon/sampler.h"
+
+#include <sys/stat.h>
+
+#include <set>
+#include <utility>
+
+#include "fph/reclaim/discard.h"
+
+namespace fph::daemon {
+
+namespace balloon = proto::balloon;
+
+ReclaimStatus reclaim_status(const SessionInfo& i, uint64_t misaligned_bytes,
+                             uint64_t discarded_bytes) {
+  ReclaimStatus st;
+  if (!i.features_set) return st;
+  auto disabled = [&](DisabledReason r) {
+    st.state = ReclaimState::Disabled;
+    st.reason = r;
+    return st;
+  };
+  if (!(i.features & balloon::kFReporting)) return disabled(DisabledReason::NoReporting);
+  if ((i.features & balloon::kFPagePoison) && i.poison_val != 0) return disabled(DisabledReason::Poison);
+  if (i.max_page_size > kReportBlockBytes || (misaligned_bytes > 0 && discarded_bytes == 0))
+    return disabled(DisabledReason::MisalignedBacking);
+  if (i.paused) {
+    st.state = ReclaimState::Paused;
+    return st;
+  }
+  if (i.reporting_live) st.state = ReclaimState::Active;
+  else if (i.reporting_ever_started) st.state = ReclaimState::Migrating;
+  return st;
+}
+
+uint64_t table_resident_bytes(const MemoryTable& t) {
+  std::set<std::pair<dev_t, ino_t>> seen;
+  uint64_t total = 0;
+  for (const auto& r : t.regions()) {
+    struct stat st {};
+    if (::fstat(r->fd.get(), &st) != 0) continue;
+    if (!seen.insert({st.st_dev, st.st_ino}).second) continue;
+    total += static_cast<uint64_t>(st.st_blocks) * 512;
+  }
+  return total;
+}
+
+void sample_session(Session& s) {
+  auto& vm = s.metrics();
+  const SessionInfo info = s.info();
+  const auto st = reclaim_status(info, vm.misaligned_bytes(), vm.discarded_bytes());
+  vm.set_reclaim_state(st.state, st.reason);
+  vm.set_features(info.features);
+  vm.set_resident(table_resident_bytes(*s.table()));
+  vm.refaulted(s.refaults().sample());
+}
+
+void Sampler::sample_once(const std::vector<std::shared_ptr<Session>>& sessions) {
+  if (nodes_) nodes_->sample();
+  for (const auto& s : sessions)
+    if (s) sample_session(*s);
+}
+
+void Sampler::start(Source source) {
+  thread_ = std::thread([this, source = std::move(source)] {
+    std::unique_lock lk(mu_);
+    while (!stop_) {
+      lk.unlock();
+      sample_once(source());
+      lk.lock();
+      cv_.wait_for(lk, interval_, [&] { return stop_; });
+    }
+  });
+}
+
+void Sampler::stop() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace fph::daemon
