@@ -5,6 +5,7 @@
 #include <signal.h>
 
 #include <fstream>
+#include <iostream>
 
 #include "client.h"
 #include "harness.h"
@@ -31,47 +32,39 @@ json nodes(const std::string& admin) {
 
 }  // namespace
 
-// fph-guest --reconnect runs alloc-free cycles with --require-discard (every
-// reported block must read back as zero once returned, so a block discarded
-// after the guest reused it would be caught). fphd gets SIGTERM right after a
-// free wave, while requests are in flight; it drains (returns every taken
-// request) and exits 0; a new fphd comes up on the same socket, the guest
-// reconnects, re-sends what was in flight, and reclaim resumes, as measured
-// from the kernel.
+// fph-guest --reconnect churns (random allocations and frees, reporting all
+// along) with --require-discard: every reported block must read back as zero
+// when the guest reallocates it, so a block returned undiscarded, or
+// discarded after the guest reused it, would be caught. The first fphd is
+// rate limited so that requests are queued when it gets SIGTERM; it drains
+// (completes and returns every taken request) and exits 0; a new fphd comes
+// up on the same socket, the guest reconnects, re-sends what it still holds
+// isolated, and reclaim resumes, as measured from the kernel.
 TEST(Restart, DaemonRestartMidWorkloadLosesNothing) {
   TempDir dir;
-  auto fphd = std::make_unique<Fphd>(dir);
+  auto fphd = std::make_unique<Fphd>(dir, std::vector<std::string>{"--rate-limit", "33554432"});
   Process g({guest_path(), "--connect", fphd->socket, "--name", "rs", "--memory", "256M", "--resident", "16M",
-             "--reporting-delay-ms", "100", "--workload", "alloc-free:128M:2000", "--repeat", "3",
-             "--require-discard", "--reconnect"},
+             "--reporting-delay-ms", "100", "--workload", "churn:128M:15", "--require-discard", "--reconnect"},
             dir.path + "/rs.stderr");
   ASSERT_TRUE(g.wait_event("ready")) << g.stderr_text();
-  ASSERT_TRUE(g.wait_event("workload_freed")) << g.stderr_text();
-  // Restart while the free wave is being reported.
-  ASSERT_TRUE(g.wait_event("report_done")) << g.stderr_text();
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(g.wait_event("report_done")) << g.stderr_text();
   fphd->proc->signal(SIGTERM);
   EXPECT_EQ(fphd->proc->wait(), 0) << fphd->proc->stderr_text();
   const std::string old_log = fphd->proc->stderr_text();
   fphd = std::make_unique<Fphd>(dir);
   ASSERT_TRUE(g.wait_event("reconnected")) << g.stderr_text();
+  const int64_t at_reconnect = memfd_allocated_bytes(g.pid());
 
-  // Two more cycles under the new daemon; after the last free wave the
-  // backing must fall by (nearly) the whole freed size.
-  int64_t peak = 0;
-  ASSERT_TRUE(g.wait_event("workload_freed")) << g.stderr_text();
-  ASSERT_TRUE(eventually([&] {
-    peak = std::max(peak, memfd_allocated_bytes(g.pid()));
-    return peak >= 128 * MiB;
-  })) << g.stderr_text();
+  // The churn ends by freeing everything; the new daemon must then drop the
+  // backing to about the resident set.
   ASSERT_TRUE(g.wait_event("workload_freed")) << g.stderr_text();
   int64_t now = 0;
   EXPECT_TRUE(eventually([&] {
     now = memfd_allocated_bytes(g.pid());
-    return now >= 0 && peak - now >= 115 * MiB;
-  })) << "backing " << now / MiB << " MiB, peak " << peak / MiB << " MiB\n"
+    return now >= 0 && now <= 48 * MiB;
+  })) << "backing " << now / MiB << " MiB (at reconnect " << at_reconnect / MiB << " MiB)\n"
       << g.stderr_text();
-  const std::string metrics = fphd->scrape();
-  EXPECT_GT(metric_sum(metrics, "fphd_discarded_bytes_total", {{"vm", "rs"}}), 100.0 * MiB);
+  EXPECT_GT(metric_sum(fphd->scrape(), "fphd_discarded_bytes_total", {{"vm", "rs"}}), 0.0);
 
   g.signal(SIGTERM);
   auto s = g.wait_event("summary");
@@ -84,6 +77,8 @@ TEST(Restart, DaemonRestartMidWorkloadLosesNothing) {
   fphd->proc->signal(SIGTERM);
   EXPECT_EQ(fphd->proc->wait(), 0) << fphd->proc->stderr_text();
   EXPECT_NE(old_log.find("draining"), std::string::npos) << old_log;
+  std::cout << "in flight at the restart, per the guest: "
+            << (g.stderr_text().find("reconnecting (0 request") == std::string::npos ? "some" : "none") << "\n";
 }
 
 TEST(Config, BadFileRefusedAtStartWithKeyAndLine) {
