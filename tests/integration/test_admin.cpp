@@ -340,3 +340,57 @@ TEST(Admin, YankTearsDownASessionStuckInSend) {
   d.fphd->proc->signal(SIGTERM);
   EXPECT_EQ(d.fphd->proc->wait(), 0) << d.fphd->proc->stderr_text();
 }
+
+// The other hang: the session thread blocked in GET_VRING_BASE, which waits
+// for the ring's in-flight requests, while the only in-flight request sits
+// behind a rate limit the test controls (8 KiB/s: hours for its megabytes).
+// fph-guest on SIGTERM waits 5 s for its requests, then sends GET_VRING_BASE
+// and waits for the reply. Yank must end that session at once; afterwards
+// the limit is lifted and a new guest is reclaimed in full.
+TEST(Admin, YankTearsDownASessionStuckInGetVringBase) {
+  Daemon d({"--rate-limit", "8192"});
+  auto c = d.client();
+  auto stuck = guest(d, "stuck", {"--workload", "alloc-free:64M:200"});
+  ASSERT_TRUE(stuck->wait_event("ready")) << stuck->stderr_text();
+  ASSERT_TRUE(stuck->wait_event("workload_freed")) << stuck->stderr_text();
+  ASSERT_TRUE(eventually([&] {
+    auto s = find_session(ret(c, "query-sessions"), "stuck");
+    return !s.is_null() && s["counters"]["inflight"].get<int>() > 0;
+  })) << d.fphd->proc->stderr_text();
+  stuck->signal(SIGTERM);
+  // The guest gave up waiting and sent GET_VRING_BASE.
+  ASSERT_TRUE(eventually([&] {
+    return stuck->stderr_text().find("stopping the rings anyway") != std::string::npos;
+  })) << stuck->stderr_text();
+  std::this_thread::sleep_for(1s);
+  // Still there, still stuck: nothing but a yank ends it now.
+  auto s = find_session(ret(c, "query-sessions"), "stuck");
+  ASSERT_FALSE(s.is_null());
+  EXPECT_GT(s["counters"]["inflight"].get<int>(), 0);
+  EXPECT_TRUE(stuck->running());
+
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(ret(c, "yank", {{"instances", {{{"type", "vm"}, {"name", "stuck"}}}}}).is_object());
+  EXPECT_TRUE(eventually([&] { return find_session(ret(c, "query-sessions"), "stuck").is_null(); }, 30s))
+      << d.fphd->proc->stderr_text();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 30s);
+  // The guest's GET_VRING_BASE fails (connection closed): it exits.
+  EXPECT_NE(stuck->wait(60s), 128 + SIGKILL) << stuck->stderr_text();
+
+  // The daemon is fine: lift the limit, a new guest is reclaimed.
+  EXPECT_TRUE(ret(c, "set-policy", {{"node", 0}, {"rate-limit", 0}}).is_object());
+  auto g = guest(d, "after", {"--workload", "alloc-free:64M:1000"});
+  ASSERT_TRUE(g->wait_event("ready")) << g->stderr_text();
+  int64_t peak = 0;
+  ASSERT_TRUE(eventually([&] {
+    peak = std::max(peak, memfd_allocated_bytes(g->pid()));
+    return peak >= 64 * MiB;
+  }));
+  ASSERT_TRUE(g->wait_event("workload_freed")) << g->stderr_text();
+  EXPECT_TRUE(eventually([&] { return peak - memfd_allocated_bytes(g->pid()) >= 60 * MiB; }))
+      << g->stderr_text();
+  g->signal(SIGTERM);
+  EXPECT_EQ(g->wait(), 0) << g->stderr_text();
+  d.fphd->proc->signal(SIGTERM);
+  EXPECT_EQ(d.fphd->proc->wait(), 0) << d.fphd->proc->stderr_text();
+}
