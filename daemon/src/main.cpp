@@ -1,19 +1,12 @@
-// fphd: the host daemon. Parses arguments, builds the topology, pipelines,
-// metrics and server, then waits for SIGTERM/SIGINT and drains.
+// fphd: the host daemon. Parses the command line, loads the configuration
+// file (flags override it), and runs (run.cpp).
 #include <CLI/CLI.hpp>
 
-#include <csignal>
-#include <cstdio>
 #include <iostream>
 
-#include "fph/common/log.h"
-#include "fph/daemon/metrics.h"
-#include "fph/daemon/sampler.h"
-#include "fph/daemon/server.h"
-#include "fph/reclaim/node_pipeline.h"
-#include "fph/reclaim/policy.h"
-#include "fph/reclaim/topology.h"
-#include "fph/reclaim/verified_discard.h"
+#include "fph/daemon/admin.h"
+#include "fph/daemon/config.h"
+#include "fph/daemon/run.h"
 
 using namespace fph;
 
@@ -30,128 +23,78 @@ bool split_named(const std::string& s, daemon::NamedPath* out) {
 
 int main(int argc, char** argv) {
   CLI::App app{"fphd: host-side memory reclaim for virtio free page reporting (vhost-user back end)"};
+  app.set_version_flag("--version", std::string(daemon::daemon_version()));
+  std::string config_path;
   std::vector<std::string> listen, vms, attach;
-  std::string metrics_bind = "127.0.0.1:9477";
-  std::string log_level = "info";
-  std::string private_mode = "auto";
-  std::string synthetic;
+  std::string metrics_bind, log_level, private_mode, synthetic, admin_socket;
   int threads_per_node = 0;
-  bool prefer_madvise = false;
-  app.add_option("--listen", listen, "Shared listening socket; VM names come from the peer")
-      ->type_name("PATH");
-  app.add_option("--vm", vms, "Listening socket dedicated to one VM")->type_name("NAME=PATH");
-  app.add_option("--attach", attach, "Connect to a front end's server socket")->type_name("NAME=PATH");
-  app.add_option("--metrics", metrics_bind, "Prometheus endpoint ADDRESS:PORT (port 0: any; 'off': none)")
-      ->capture_default_str();
-  app.add_option("--threads-per-node", threads_per_node, "Discard threads per NUMA node (0: its cores)");
-  app.add_option("--private-mode", private_mode, "Private memory policy: auto, eager (MADV_DONTNEED), lazy (MADV_FREE)")
-      ->check(CLI::IsMember({"auto", "eager", "lazy"}))
-      ->capture_default_str();
-  app.add_flag("--prefer-madvise", prefer_madvise, "Shared memory: MADV_REMOVE instead of punching holes");
-  app.add_option("--synthetic-topology", synthetic,
-                 "Use an hwloc synthetic topology (testing), e.g. 'node:4 core:1 pu:1'");
-  app.add_option("--log-level", log_level, "debug, info, warn, error")->capture_default_str();
+  uint64_t rate_limit = 0;
+  bool prefer_madvise = false, check_config = false;
+  app.add_option("-c,--config", config_path, "TOML configuration file (see etc/fphd.toml); flags override it")
+      ->type_name("FILE");
+  app.add_flag("--check-config", check_config, "Validate the configuration and exit (0 ok, 2 invalid)");
+  auto* o_listen = app.add_option("--listen", listen, "Shared listening socket; VM names come from the peer")
+                       ->type_name("PATH");
+  auto* o_vm = app.add_option("--vm", vms, "Listening socket dedicated to one VM")->type_name("NAME=PATH");
+  auto* o_attach = app.add_option("--attach", attach, "Connect to a front end's server socket")->type_name("NAME=PATH");
+  auto* o_admin = app.add_option("--admin-socket", admin_socket, "Admin socket (JSON commands, docs/admin.md)")
+                      ->type_name("PATH");
+  auto* o_metrics = app.add_option("--metrics", metrics_bind,
+                                   "Prometheus endpoint ADDRESS:PORT (port 0: any; 'off': none) [127.0.0.1:9477]");
+  auto* o_threads = app.add_option("--threads-per-node", threads_per_node, "Discard threads per NUMA node (0: its cores)");
+  auto* o_mode = app.add_option("--private-mode", private_mode,
+                                "Private memory policy: auto, eager (MADV_DONTNEED), lazy (MADV_FREE) [auto]")
+                     ->check(CLI::IsMember({"auto", "eager", "lazy"}));
+  auto* o_rate = app.add_option("--rate-limit", rate_limit, "Bytes per second each node may discard (0: unlimited)");
+  auto* o_madv = app.add_flag("--prefer-madvise", prefer_madvise, "Shared memory: MADV_REMOVE instead of punching holes");
+  auto* o_synth = app.add_option("--synthetic-topology", synthetic,
+                                 "Use an hwloc synthetic topology (testing), e.g. 'node:4 core:1 pu:1'");
+  auto* o_log = app.add_option("--log-level", log_level, "debug, info, warn, error [info]");
   CLI11_PARSE(app, argc, argv);
 
-  log::Level lvl;
-  if (!log::parse_level(log_level, &lvl)) {
-    std::cerr << "fphd: --log-level: unknown level '" << log_level << "'\n";
-    return 2;
-  }
-  log::set_level(lvl);
-
-  daemon::ServerConfig scfg;
-  scfg.listen = listen;
-  for (const auto& v : vms) {
-    daemon::NamedPath np;
-    if (!split_named(v, &np)) {
-      std::cerr << "fphd: --vm: expected NAME=PATH, got '" << v << "'\n";
+  daemon::FphdConfig cfg;
+  if (!config_path.empty()) {
+    auto c = daemon::load_config_file(config_path);
+    if (!c) {
+      std::cerr << "fphd: " << c.error() << "\n";
       return 2;
     }
-    scfg.vm_sockets.push_back(np);
+    cfg = std::move(*c);
   }
-  for (const auto& v : attach) {
-    daemon::NamedPath np;
-    if (!split_named(v, &np)) {
-      std::cerr << "fphd: --attach: expected NAME=PATH, got '" << v << "'\n";
-      return 2;
+  std::string bad;
+  auto named = [&](const std::vector<std::string>& in, const char* flag) {
+    std::vector<daemon::NamedPath> out;
+    for (const auto& v : in) {
+      daemon::NamedPath np;
+      if (!split_named(v, &np)) bad = std::string(flag) + ": expected NAME=PATH, got '" + v + "'";
+      out.push_back(np);
     }
-    scfg.attach.push_back(np);
-  }
-  if (scfg.listen.empty() && scfg.vm_sockets.empty() && scfg.attach.empty()) {
-    std::cerr << "fphd: nothing to serve: give --listen, --vm or --attach\n";
+    return out;
+  };
+  // Flags replace what the file says; the policy flags are re-applied after
+  // every SIGHUP reload so that a flag keeps winning.
+  if (o_listen->count()) cfg.listen = listen;
+  if (o_vm->count()) cfg.vms = named(vms, "--vm");
+  if (o_attach->count()) cfg.attach = named(attach, "--attach");
+  if (o_admin->count()) cfg.admin_socket = admin_socket;
+  if (o_metrics->count()) cfg.metrics = metrics_bind;
+  if (o_threads->count()) cfg.threads_per_node = threads_per_node;
+  if (o_synth->count()) cfg.synthetic_topology = synthetic;
+  if (o_log->count()) cfg.log_level = log_level;
+  if (!bad.empty()) {
+    std::cerr << "fphd: " << bad << "\n";
     return 2;
   }
-
-  // Block the signals we handle before any thread starts, so only sigwait
-  // below receives them.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGTERM);
-  sigaddset(&sigs, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
-
-  reclaim::Topology topo;
-  if (!synthetic.empty()) {
-    auto t = reclaim::Topology::from_synthetic(synthetic);
-    if (!t) {
-      std::cerr << "fphd: --synthetic-topology: " << t.error() << "\n";
-      return 2;
-    }
-    topo = std::move(*t);
-  } else {
-    topo = reclaim::Topology::from_system();
+  auto apply_cli = [=](daemon::FphdConfig& c) {
+    if (o_mode->count()) c.policy.defaults.mode = *daemon::parse_private_mode(private_mode);
+    if (o_rate->count()) c.policy.defaults.rate_limit_bytes_per_sec = rate_limit;
+    if (o_madv->count()) c.policy.defaults.prefer_madvise = prefer_madvise;
+    if (o_log->count()) c.log_level = log_level;
+  };
+  apply_cli(cfg);
+  if (check_config) {
+    std::cout << "fphd: configuration ok\n";
+    return 0;
   }
-
-  reclaim::NodePolicy np;
-  np.mode = private_mode == "eager" ? reclaim::PrivateMode::Eager
-          : private_mode == "lazy"  ? reclaim::PrivateMode::Lazy
-                                    : reclaim::PrivateMode::Auto;
-  np.prefer_madvise = prefer_madvise;
-  reclaim::PolicyTable policy(topo.node_count(), np);
-  reclaim::SysfsNodeMemoryProbe probe;
-  reclaim::SyscallDiscarder syscalls;
-  reclaim::VerifyingDiscarder discarder(syscalls);  // measures what each discard freed
-  reclaim::PipelineOptions popts;
-  popts.threads_per_node = threads_per_node;
-
-  std::unique_ptr<daemon::Metrics> metrics;
-  try {
-    metrics = std::make_unique<daemon::Metrics>(metrics_bind == "off" ? "" : metrics_bind,
-                                                topo.node_count());
-  } catch (const std::exception& e) {
-    std::cerr << "fphd: --metrics " << metrics_bind << ": " << e.what() << "\n";
-    return 2;
-  }
-  reclaim::NodePipelines pipelines(topo, discarder, policy, probe, popts);
-  daemon::DaemonContext ctx{topo, pipelines, *metrics};
-  daemon::Server server(ctx, scfg);
-  if (auto r = server.start(); !r) {
-    std::cerr << "fphd: " << r.error() << "\n";
-    return 1;
-  }
-  // Node view, resident bytes, reclaim state and refaults (docs/metrics.md).
-  daemon::NodeCollector node_collector(topo, probe, policy, *metrics);
-  daemon::Sampler sampler(*metrics, &node_collector, std::chrono::seconds(1));
-  sampler.start([&server] { return server.sessions(); });
-
-  std::string socks;
-  for (const auto& p : server.socket_paths()) socks += (socks.empty() ? "\"" : ",\"") + p + "\"";
-  log::info("fphd", "ready: {} NUMA node(s){}, metrics at {}", topo.node_count(),
-            topo.is_synthetic() ? " (synthetic)" : "", metrics->url().empty() ? "off" : metrics->url());
-  // One machine-readable line for scripts and tests.
-  std::printf("{\"event\":\"ready\",\"pid\":%d,\"nodes\":%d,\"metrics\":\"%s\",\"sockets\":[%s]}\n",
-              getpid(), topo.node_count(), metrics->url().c_str(), socks.c_str());
-  std::fflush(stdout);
-
-  int sig = 0;
-  sigwait(&sigs, &sig);
-  log::info("fphd", "signal {}: draining sessions", sig);
-  sampler.stop();
-  server.stop();
-  pipelines.drain();
-  pipelines.stop();
-  log::info("fphd", "stopped");
-  return 0;
+  return daemon::run_daemon({std::move(cfg), config_path, apply_cli});
 }

@@ -98,21 +98,32 @@ Server::Server(DaemonContext& ctx, ServerConfig cfg)
 Server::~Server() { stop(); }
 
 Expected<void, std::string> Server::start() {
+  for (auto& in : cfg_.inherited) {
+    UniqueFd fd(in.fd);
+    in.fd = -1;
+    if (!in.fixed_name.empty() && !valid_name(in.fixed_name))
+      return unexpected("invalid VM name '" + in.fixed_name + "'");
+    listeners_.push_back({std::move(fd), in.path, in.fixed_name, false});
+  }
   for (const auto& p : cfg_.listen) {
     auto fd = make_listener(p, cfg_.socket_mode);
     if (!fd) return unexpected(fd.error());
-    listeners_.push_back({std::move(*fd), p, ""});
+    listeners_.push_back({std::move(*fd), p, "", true});
   }
   for (const auto& v : cfg_.vm_sockets) {
     if (!valid_name(v.name)) return unexpected("invalid VM name '" + v.name + "'");
     auto fd = make_listener(v.path, cfg_.socket_mode);
     if (!fd) return unexpected(fd.error());
-    listeners_.push_back({std::move(*fd), v.path, v.name});
+    listeners_.push_back({std::move(*fd), v.path, v.name, true});
   }
   for (const auto& a : cfg_.attach)
     if (!valid_name(a.name)) return unexpected("invalid VM name '" + a.name + "'");
   if (!listeners_.empty()) accept_thread_ = std::thread([this] { accept_loop(); });
-  for (const auto& a : cfg_.attach) attach_threads_.emplace_back([this, a] { attach_loop(a); });
+  for (const auto& a : cfg_.attach) {
+    auto t = std::make_shared<AttachTarget>();
+    t->target = a;
+    start_attach(std::move(t));
+  }
   return {};
 }
 
@@ -174,25 +185,99 @@ void Server::accept_loop() {
   }
 }
 
-void Server::attach_loop(NamedPath target) {
+void Server::start_attach(std::shared_ptr<AttachTarget> a) {
+  a->wake.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  std::lock_guard lk(mu_);
+  if (stopping_) return;  // stop() has already collected the threads to join
+  a->thread = std::thread([this, a] { attach_loop(a); });
+  attach_.push_back(std::move(a));
+}
+
+void Server::attach_loop(std::shared_ptr<AttachTarget> a) {
   // Connect out to a front end that listens (QEMU "server=on", fph-guest
-  // --listen), and again after it goes away, until fphd stops.
+  // --listen), and again after it goes away, until fphd stops or the target
+  // is detached.
+  const NamedPath& target = a->target;
   bool warned = false;
-  while (!stopping_) {
-    auto fd = connect_to(target.path);
+  auto pause = [&] {
+    pollfd p[2] = {{stop_fd_.get(), POLLIN, 0}, {a->wake.get(), POLLIN, 0}};
+    ::poll(p, 2, 200);
+  };
+  while (!stopping_ && !a->stop) {
+    Expected<UniqueFd, std::string> fd = std::move(a->first);
+    if (!*fd) fd = connect_to(target.path);
     if (!fd) {
       if (!warned) log::info("server", "attach {}: {} (retrying)", target.name, fd.error());
       warned = true;
-      pollfd p{stop_fd_.get(), POLLIN, 0};
-      ::poll(&p, 1, 200);
+      pause();
       continue;
     }
     warned = false;
     ++conn_no_;
     run_session(std::move(*fd), target.name);
-    pollfd p{stop_fd_.get(), POLLIN, 0};
-    ::poll(&p, 1, 200);
+    pause();
   }
+}
+
+Expected<void, std::string> Server::attach(const std::string& name, const std::string& path) {
+  if (!valid_name(name)) return unexpected("invalid VM name '" + name + "'");
+  {
+    std::lock_guard lk(mu_);
+    if (stopping_) return unexpected(std::string("fphd is stopping"));
+    for (const auto& a : attach_)
+      if (a->target.name == name && !a->stop)
+        return unexpected("already attached to '" + name + "' (" + a->target.path + ")");
+  }
+  auto fd = connect_to(path);
+  if (!fd) return unexpected(fd.error());
+  auto t = std::make_shared<AttachTarget>();
+  t->target = {name, path};
+  t->first = std::move(*fd);
+  log::info("server", "attach {}: connected to {}", name, path);
+  start_attach(std::move(t));
+  return {};
+}
+
+bool Server::detach(const std::string& name) {
+  std::shared_ptr<AttachTarget> t;
+  {
+    std::lock_guard lk(mu_);
+    for (auto it = attach_.begin(); it != attach_.end(); ++it) {
+      if ((*it)->target.name == name && !(*it)->stop) {
+        t = *it;
+        break;
+      }
+    }
+    if (!t) return false;
+    t->stop = true;
+    uint64_t one = 1;
+    (void)!::write(t->wake.get(), &one, sizeof one);
+    if (auto s = sessions_.find(name); s != sessions_.end()) s->second->request_stop();
+  }
+  log::info("server", "detach {}", name);
+  // The thread is joined by stop(); it exits as soon as its session ends.
+  return true;
+}
+
+std::vector<NamedPath> Server::attach_targets() const {
+  std::lock_guard lk(mu_);
+  std::vector<NamedPath> v;
+  for (const auto& a : attach_)
+    if (!a->stop) v.push_back(a->target);
+  return v;
+}
+
+std::shared_ptr<Session> Server::find(const std::string& name) const {
+  std::lock_guard lk(mu_);
+  auto it = sessions_.find(name);
+  return it == sessions_.end() ? nullptr : it->second;
+}
+
+bool Server::yank(const std::string& name) {
+  auto s = find(name);
+  if (!s) return false;
+  s->yank();
+  return true;
 }
 
 void Server::stop() {
@@ -206,8 +291,13 @@ void Server::stop() {
     for (auto& [n, s] : sessions_) s->request_stop();
   }
   if (accept_thread_.joinable()) accept_thread_.join();
-  for (auto& t : attach_threads_)
-    if (t.joinable()) t.join();
+  std::vector<std::shared_ptr<AttachTarget>> attach;
+  {
+    std::lock_guard lk(mu_);
+    attach = attach_;  // no new ones: attach() refuses once stopping_
+  }
+  for (auto& a : attach)
+    if (a->thread.joinable()) a->thread.join();
   std::vector<std::thread> threads;
   {
     std::lock_guard lk(mu_);
@@ -216,7 +306,8 @@ void Server::stop() {
   }
   for (auto& t : threads)
     if (t.joinable()) t.join();
-  for (const auto& l : listeners_) ::unlink(l.path.c_str());
+  for (const auto& l : listeners_)
+    if (l.unlink) ::unlink(l.path.c_str());
 }
 
 std::vector<std::shared_ptr<Session>> Server::sessions() const {

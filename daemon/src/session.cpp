@@ -53,6 +53,16 @@ void Session::request_stop() {
   if (wake_) (void)!::write(wake_.get(), &one, sizeof one);
 }
 
+void Session::yank() {
+  yanked_ = true;
+  cancel_->store(true);
+  request_stop();
+  // Wake a GET_VRING_BASE waiting for in-flight requests (wait_inflight).
+  { std::lock_guard lk(mu_); }
+  cv_.notify_all();
+  log::warn("session", "vm={} yanked", name_);
+}
+
 void Session::set_paused(bool p) {
   paused_ = p;
   log::info("session", "vm={} reclaim {}", name_, p ? "paused" : "resumed");
@@ -77,6 +87,16 @@ SessionInfo Session::info() const {
     i.reporting_ever_started = r.ever_started;
   }
   for (const auto& r : table_->regions()) i.max_page_size = std::max(i.max_page_size, r->page_size);
+  i.yanked = yanked_;
+  bool any_started = false;
+  for (const auto& v : vrings_) {
+    i.requests += v.requests;
+    any_started = any_started || v.started;
+  }
+  i.state = stopping_     ? SessionState::Closing
+            : any_started ? SessionState::Active
+            : status_ != 0 && features_set_ ? SessionState::Stopped
+                                            : SessionState::Negotiating;
   return i;
 }
 
@@ -100,8 +120,12 @@ void Session::run() {
   while (!stopping_ && serve_one()) {
   }
   // Teardown: nothing taken is left behind. Queued work of a disconnected
-  // guest is cancelled (nobody waits for it), running work finishes.
-  cancel_->store(true);
+  // or yanked guest is cancelled (nobody waits for it), running work
+  // finishes. A stop we asked for (SIGTERM drain, detach) completes the
+  // queued work instead: a returned request then means what it always
+  // means, its blocks were discarded, and a guest that reconnects and
+  // checks them finds them zero.
+  if (!stopping_ || yanked_) cancel_->store(true);
   ::shutdown(sock_.get(), SHUT_RDWR);  // the peer sees EOF now, not when we are destroyed
   std::unique_lock lk(mu_);
   for (auto& v : vrings_) v.started = false;
@@ -197,7 +221,9 @@ void Session::set_table(std::shared_ptr<const MemoryTable> t) {
 }
 
 void Session::wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk) {
-  cv_.wait(lk, [&] { return vrings_[idx].inflight == 0; });
+  // A yank gives up waiting: the front end is gone or hung, and run()'s
+  // teardown waits for the cancelled work instead.
+  cv_.wait(lk, [&] { return vrings_[idx].inflight == 0 || yanked_; });
 }
 
 void Session::start_ring(uint32_t idx) {
@@ -238,6 +264,7 @@ void Session::stop_ring(uint32_t idx) {
   // (vu-doc: finish in-flight requests before stopping), so the driver never
   // waits forever and nothing is discarded after the state is captured.
   wait_inflight(idx, lk);
+  if (yanked_) return;  // in-flight requests still use the ring and its regions
   if (v.started) v.base = v.ring.next_avail();
   v.started = false;
   v.kick.reset();

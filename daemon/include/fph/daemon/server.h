@@ -31,8 +31,17 @@ struct NamedPath {
   std::string path;
 };
 
+// A listening socket made by someone else (socket activation). The server
+// owns the fd from start() on and never unlinks its path.
+struct InheritedListener {
+  int fd = -1;
+  std::string path;        // for logs and socket_paths()
+  std::string fixed_name;  // empty: a shared socket, names from the peer
+};
+
 struct ServerConfig {
   std::vector<std::string> listen;   // shared listening sockets
+  std::vector<InheritedListener> inherited;
   std::vector<NamedPath> vm_sockets; // one listening socket per VM
   std::vector<NamedPath> attach;     // connect out to a front end's server socket
   unsigned socket_mode = 0660;       // permissions of the sockets we create
@@ -57,10 +66,30 @@ class Server {
   void stop();
 
   std::vector<std::shared_ptr<Session>> sessions() const;
+  std::shared_ptr<Session> find(const std::string& name) const;
+
+  // Admin commands. Never wait on a session.
+  // Yank: false if no session has that name.
+  bool yank(const std::string& name);
+  // Connects to `path` now (error if that fails), serves it as VM `name`
+  // and reconnects after it goes away, like --attach.
+  Expected<void, std::string> attach(const std::string& name, const std::string& path);
+  // Stops reconnecting to an attach target and ends its session. False if
+  // there is no attach target of that name.
+  bool detach(const std::string& name);
+  std::vector<NamedPath> attach_targets() const;
 
  private:
+  struct AttachTarget {
+    NamedPath target;
+    std::atomic<bool> stop{false};
+    UniqueFd wake;
+    UniqueFd first;  // already connected (admin attach)
+    std::thread thread;
+  };
   void accept_loop();
-  void attach_loop(NamedPath target);
+  void attach_loop(std::shared_ptr<AttachTarget> a);
+  void start_attach(std::shared_ptr<AttachTarget> a);
   void run_session(UniqueFd sock, std::string base_name);
   std::string unique_name(const std::string& base);
 
@@ -70,13 +99,14 @@ class Server {
     UniqueFd fd;
     std::string path;
     std::string fixed_name;  // empty: derive from the peer
+    bool unlink = true;      // ours to remove at stop()
   };
   std::vector<Listener> listeners_;
   UniqueFd stop_fd_;
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> conn_no_{0};
   std::thread accept_thread_;
-  std::vector<std::thread> attach_threads_;
+  std::vector<std::shared_ptr<AttachTarget>> attach_;  // guarded by mu_
 
   mutable std::mutex mu_;  // sessions_ and session_threads_; never on the data path
   std::map<std::string, std::shared_ptr<Session>> sessions_;

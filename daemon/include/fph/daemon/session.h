@@ -66,6 +66,9 @@ struct SessionInfo {
   bool reporting_live = false;          // reporting ring started and enabled
   bool reporting_ever_started = false;  // since the last device reset
   uint64_t max_page_size = 0;           // largest backing page size of the regions
+  SessionState state = SessionState::Negotiating;
+  uint64_t requests = 0;    // requests returned to the driver, all queues
+  bool yanked = false;
 };
 
 class Session : public std::enable_shared_from_this<Session> {
@@ -81,6 +84,12 @@ class Session : public std::enable_shared_from_this<Session> {
   void run();
   // From any thread: ends run() soon (shuts the socket down).
   void request_stop();
+  // From any thread, never waits on the session (admin `yank`): shuts the
+  // socket down (a blocked send or recv returns), cancels queued work through
+  // the cancel token and makes GET_VRING_BASE stop waiting for in-flight
+  // requests. run() then returns as soon as running discards finish.
+  void yank();
+  bool yanked() const { return yanked_; }
 
   const std::string& name() const { return name_; }
   SessionInfo info() const;
@@ -126,6 +135,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::shared_ptr<std::atomic<bool>> cancel_ = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> stopping_{false};
   std::atomic<bool> paused_{false};
+  std::atomic<bool> yanked_{false};
 
   // Guarded by mu_ (the session thread and pipeline completions).
   mutable std::mutex mu_;

@@ -1,0 +1,211 @@
+// fphctl: the command line client of fphd's admin socket.
+//
+// Exit codes (scripts rely on them):
+//   0  success
+//   1  the daemon refused the command (its error class and description are printed)
+//   2  usage error (bad command line)
+//   3  cannot connect to the admin socket (or no greeting)
+//   4  the connection failed or the reply was malformed after connecting
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <sstream>
+#include <vector>
+
+#include "client.h"
+
+using nlohmann::json;
+
+namespace {
+
+constexpr int kOk = 0, kDaemonError = 1, kUsage = 2, kNoConnect = 3, kTransport = 4;
+
+std::string human_bytes(const json& v) {
+  if (!v.is_number()) return "-";
+  double b = v.get<double>();
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  char s[32];
+  std::snprintf(s, sizeof s, u ? "%.1f %s" : "%.0f %s", b, units[u]);
+  return s;
+}
+
+std::string str(const json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_null()) return "-";
+  if (v.is_boolean()) return v.get<bool>() ? "yes" : "no";
+  return v.dump();
+}
+
+void table(const std::vector<std::string>& head, const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> w(head.size());
+  for (size_t i = 0; i < head.size(); ++i) w[i] = head[i].size();
+  for (const auto& r : rows)
+    for (size_t i = 0; i < r.size() && i < w.size(); ++i) w[i] = std::max(w[i], r[i].size());
+  auto line = [&](const std::vector<std::string>& r) {
+    std::string s;
+    for (size_t i = 0; i < r.size(); ++i) {
+      s += r[i];
+      if (i + 1 < r.size()) s += std::string(w[i] - r[i].size() + 2, ' ');
+    }
+    std::cout << s << "\n";
+  };
+  line(head);
+  for (const auto& r : rows) line(r);
+}
+
+void print_human(const std::string& cmd, const json& ret) {
+  if (cmd == "query-sessions") {
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& s : ret) {
+      std::string feats;
+      for (const auto& f : s.value("feature-names", json::array())) feats += (feats.empty() ? "" : ",") + f.get<std::string>();
+      rows.push_back({str(s["name"]), str(s["state"]), str(s["regions"]), human_bytes(s["memory"]),
+                      str(s["counters"]["inflight"]), str(s["counters"]["requests"]), str(s["paused"]), feats});
+    }
+    if (rows.empty()) std::cout << "no sessions\n";
+    else table({"NAME", "STATE", "REGIONS", "MEMORY", "INFLIGHT", "REQUESTS", "PAUSED", "FEATURES"}, rows);
+  } else if (cmd == "query-nodes") {
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& n : ret) {
+      const auto& p = n["policy"];
+      const uint64_t rate = p.value("rate-limit", 0ull);
+      rows.push_back({str(n["node"]), str(n["os-node"]), std::to_string(n["cpus"].size()),
+                      human_bytes(n["total"]), human_bytes(n["free"]), str(n["pressure"]), str(p["mode"]),
+                      rate ? human_bytes(rate) + "/s" : "unlimited", human_bytes(n["counters"]["discarded"])});
+    }
+    table({"NODE", "OS", "CPUS", "TOTAL", "FREE", "PRESSURE", "MODE", "RATE-LIMIT", "DISCARDED"}, rows);
+  } else if (cmd == "query-yank") {
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& i : ret) rows.push_back({str(i["type"]), str(i["name"])});
+    if (rows.empty()) std::cout << "nothing to yank\n";
+    else table({"TYPE", "NAME"}, rows);
+  } else if (ret.is_object() && !ret.empty()) {
+    for (const auto& [k, v] : ret.items()) std::cout << k << ": " << (v.is_string() ? v.get<std::string>() : v.dump()) << "\n";
+  } else if (!ret.is_object()) {
+    std::cout << ret.dump(2) << "\n";
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"fphctl: control a running fphd through its admin socket.\n"
+               "Exit codes: 0 ok, 1 the daemon refused the command, 2 usage, 3 cannot connect, "
+               "4 connection lost or bad reply."};
+  const char* env = std::getenv("FPHD_ADMIN_SOCKET");
+  std::string socket = env ? env : "/run/fphd/admin.sock";
+  bool as_json = false;
+  app.add_option("-s,--socket", socket, "Admin socket (default $FPHD_ADMIN_SOCKET or /run/fphd/admin.sock)")
+      ->capture_default_str();
+  app.add_flag("--json", as_json, "Print the daemon's reply as JSON (for scripts)");
+  app.require_subcommand(1);
+
+  std::string cmd;
+  json args = json::object();
+  std::string vm, name, path, mode, raw_cmd, raw_args;
+  std::vector<std::string> vms;
+  int node = -1;
+  uint64_t rate = 0;
+  bool paused_flag = false, resumed_flag = false;
+
+  auto* c_status = app.add_subcommand("status", "Daemon status (query-status)");
+  auto* c_sessions = app.add_subcommand("sessions", "Connected VMs (query-sessions)");
+  auto* c_nodes = app.add_subcommand("nodes", "Host NUMA nodes: memory, pressure, policy (query-nodes)");
+  auto* c_yankable = app.add_subcommand("yankable", "What can be yanked (query-yank)");
+  auto* c_pause = app.add_subcommand("pause", "Pause reclaim for a VM");
+  c_pause->add_option("vm", vm, "VM name")->required();
+  auto* c_resume = app.add_subcommand("resume", "Resume reclaim for a VM");
+  c_resume->add_option("vm", vm, "VM name")->required();
+  auto* c_policy = app.add_subcommand("set-policy", "Change a node's policy (mode, rate limit) or a VM's (paused)");
+  auto* o_node = c_policy->add_option("--node", node, "Node index");
+  auto* o_vm = c_policy->add_option("--vm", vm, "VM name");
+  auto* o_mode = c_policy->add_option("--mode", mode, "eager, lazy or auto");
+  auto* o_rate = c_policy->add_option("--rate-limit", rate, "Bytes per second a node may discard (0: unlimited)");
+  c_policy->add_flag("--paused", paused_flag, "Pause the VM's reclaim");
+  c_policy->add_flag("--resumed", resumed_flag, "Resume the VM's reclaim");
+  auto* c_attach = app.add_subcommand("attach", "Connect to a front end's server socket");
+  c_attach->add_option("name", name, "VM name")->required();
+  c_attach->add_option("path", path, "The front end's socket")->required();
+  auto* c_detach = app.add_subcommand("detach", "Stop an attach target");
+  c_detach->add_option("name", name, "VM name")->required();
+  auto* c_yank = app.add_subcommand("yank", "Tear down hung VM sessions at once");
+  c_yank->add_option("vm", vms, "VM names")->required();
+  auto* c_raw = app.add_subcommand("raw", "Run any admin command: raw COMMAND ['{json arguments}']");
+  c_raw->add_option("command", raw_cmd, "Command name")->required();
+  c_raw->add_option("arguments", raw_args, "Arguments as a JSON object");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? kOk : kUsage;
+  }
+
+  if (c_status->parsed()) cmd = "query-status";
+  else if (c_sessions->parsed()) cmd = "query-sessions";
+  else if (c_nodes->parsed()) cmd = "query-nodes";
+  else if (c_yankable->parsed()) cmd = "query-yank";
+  else if (c_pause->parsed()) cmd = "pause-reclaim", args = {{"vm", vm}};
+  else if (c_resume->parsed()) cmd = "resume-reclaim", args = {{"vm", vm}};
+  else if (c_attach->parsed()) cmd = "attach", args = {{"name", name}, {"path", path}};
+  else if (c_detach->parsed()) cmd = "detach", args = {{"name", name}};
+  else if (c_yank->parsed()) {
+    cmd = "yank";
+    json inst = json::array();
+    for (const auto& v : vms) inst.push_back({{"type", "vm"}, {"name", v}});
+    args = {{"instances", inst}};
+  } else if (c_policy->parsed()) {
+    cmd = "set-policy";
+    if (o_node->count()) args["node"] = node;
+    if (o_vm->count()) args["vm"] = vm;
+    if (o_mode->count()) args["mode"] = mode;
+    if (o_rate->count()) args["rate-limit"] = rate;
+    if (paused_flag && resumed_flag) {
+      std::cerr << "fphctl: set-policy: --paused and --resumed exclude each other\n";
+      return kUsage;
+    }
+    if (paused_flag) args["paused"] = true;
+    if (resumed_flag) args["paused"] = false;
+  } else if (c_raw->parsed()) {
+    cmd = raw_cmd;
+    if (!raw_args.empty()) {
+      args = json::parse(raw_args, nullptr, false);
+      if (args.is_discarded() || !args.is_object()) {
+        std::cerr << "fphctl: raw: arguments must be a JSON object\n";
+        return kUsage;
+      }
+    }
+  }
+
+  auto client = fph::ctl::AdminClient::connect(socket);
+  if (!client) {
+    std::cerr << "fphctl: " << client.error() << "\n";
+    return kNoConnect;
+  }
+  auto reply = client->execute(cmd, args);
+  if (!reply) {
+    std::cerr << "fphctl: " << reply.error() << "\n";
+    return kTransport;
+  }
+  if (reply->contains("error")) {
+    const auto& e = (*reply)["error"];
+    if (as_json) std::cout << e.dump() << "\n";
+    std::cerr << "fphctl: " << cmd << ": " << e.value("class", "?") << ": " << e.value("desc", "?") << "\n";
+    return kDaemonError;
+  }
+  if (!reply->contains("return")) {
+    std::cerr << "fphctl: malformed reply: " << reply->dump() << "\n";
+    return kTransport;
+  }
+  const json& ret = (*reply)["return"];
+  if (as_json) std::cout << ret.dump() << "\n";
+  else print_human(cmd, ret);
+  return kOk;
+}

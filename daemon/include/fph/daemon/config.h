@@ -1,0 +1,52 @@
+// fphd's configuration: a TOML file (etc/fphd.toml documents every key and
+// its default), then command line flags on top. Parsing and validation are
+// pure functions of the text, unit tested; errors name the key and the line.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fph/common/expected.h"
+#include "fph/daemon/server.h"
+#include "fph/reclaim/policy.h"
+
+namespace fph::daemon {
+
+struct NodePolicyOverride {
+  std::optional<reclaim::PrivateMode> mode;
+  std::optional<uint64_t> rate_limit;
+};
+
+struct PolicyConfig {
+  reclaim::NodePolicy defaults;                  // [policy]
+  std::map<int, NodePolicyOverride> nodes;       // [policy.node.N]
+  // The policy of node `n`: the defaults with that node's overrides applied.
+  reclaim::NodePolicy for_node(int n) const;
+};
+
+struct FphdConfig {
+  // [daemon]
+  std::vector<std::string> listen;
+  std::vector<NamedPath> vms;      // [[vm]] name, path
+  std::vector<NamedPath> attach;   // [[attach]] name, path
+  std::string admin_socket;        // "" = none
+  unsigned socket_mode = 0660;
+  std::string metrics = "127.0.0.1:9477";  // "off" = none
+  std::string log_level = "info";
+  int threads_per_node = 0;
+  std::string synthetic_topology;
+  // [policy]
+  PolicyConfig policy;
+};
+
+// Parses and validates TOML text. `source` names the file in errors, e.g.
+// "fphd.toml:12: policy.mode: 'fast' is not one of eager, lazy, auto".
+// Unknown keys are errors (a typo must not silently keep a default).
+Expected<FphdConfig, std::string> parse_config(std::string_view text, const std::string& source);
+Expected<FphdConfig, std::string> load_config_file(const std::string& path);
+
+}  // namespace fph::daemon

@@ -1,0 +1,94 @@
+// The admin socket's request parsing and dispatch, as pure functions: a line
+// in, a reply object out.
+#include <gtest/gtest.h>
+
+#include "fph/daemon/admin.h"
+
+using namespace fph::daemon;
+using nlohmann::json;
+
+namespace {
+
+AdminDispatcher make() {
+  AdminDispatcher d;
+  d.add("echo", {{{"text", ArgType::String, true}, {"n", ArgType::UnsignedInteger}},
+                 [](const json& a) -> AdminResult { return json{{"text", a["text"]}}; }, ""});
+  d.add("fail", {{}, [](const json&) -> AdminResult { return fph::unexpected(device_not_found("no VM named 'x'")); }, ""});
+  d.add("throw", {{}, [](const json&) -> AdminResult { throw std::runtime_error("boom"); }, ""});
+  return d;
+}
+
+std::string cls(const json& r) { return r.contains("error") ? r["error"]["class"].get<std::string>() : ""; }
+
+}  // namespace
+
+TEST(Admin, GreetingCarriesVersion) {
+  auto g = admin_greeting("1.2.3");
+  EXPECT_EQ(g["fph"]["version"], "1.2.3");
+  EXPECT_TRUE(g["capabilities"].is_array());
+}
+
+TEST(Admin, ReturnCarriesId) {
+  auto r = make().handle_line(R"({"execute":"echo","arguments":{"text":"hi"},"id":7})");
+  EXPECT_EQ(r["return"]["text"], "hi");
+  EXPECT_EQ(r["id"], 7);
+  auto r2 = make().handle_line(R"({"execute":"echo","arguments":{"text":"hi"},"id":"abc"})");
+  EXPECT_EQ(r2["id"], "abc");
+  auto r3 = make().handle_line(R"({"execute":"echo","arguments":{"text":"hi"}})");
+  EXPECT_FALSE(r3.contains("id"));
+}
+
+TEST(Admin, ErrorClasses) {
+  auto d = make();
+  EXPECT_EQ(cls(d.handle_line("not json")), "ParseError");
+  EXPECT_EQ(cls(d.handle_line("[1,2]")), "ParseError");
+  EXPECT_EQ(cls(d.handle_line(R"({"arguments":{}})")), "ParseError");
+  EXPECT_EQ(cls(d.handle_line(R"({"execute":5})")), "ParseError");
+  auto nf = d.handle_line(R"({"execute":"nope","id":1})");
+  EXPECT_EQ(cls(nf), "CommandNotFound");
+  EXPECT_EQ(nf["id"], 1);
+  EXPECT_NE(nf["error"]["desc"].get<std::string>().find("nope"), std::string::npos);
+  EXPECT_EQ(cls(d.handle_line(R"({"execute":"fail"})")), "DeviceNotFound");
+  auto th = d.handle_line(R"({"execute":"throw"})");
+  EXPECT_EQ(cls(th), "GenericError");
+  EXPECT_NE(th["error"]["desc"].get<std::string>().find("boom"), std::string::npos);
+  EXPECT_EQ(cls(d.handle_line(R"({"execute":"echo","bogus":1})")), "InvalidParameter");
+}
+
+TEST(Admin, ArgumentsAreChecked) {
+  auto d = make();
+  auto desc = [&](const char* l) { return d.handle_line(l)["error"]["desc"].get<std::string>(); };
+  EXPECT_EQ(cls(d.handle_line(R"({"execute":"echo"})")), "InvalidParameter");
+  EXPECT_NE(desc(R"({"execute":"echo"})").find("'text'"), std::string::npos);
+  EXPECT_NE(desc(R"({"execute":"echo","arguments":{"text":1}})").find("'text' must be a string"),
+            std::string::npos);
+  EXPECT_NE(desc(R"({"execute":"echo","arguments":{"text":"a","extra":1}})").find("unknown argument 'extra'"),
+            std::string::npos);
+  EXPECT_NE(desc(R"({"execute":"echo","arguments":{"text":"a","n":-1}})").find("'n'"), std::string::npos);
+  EXPECT_EQ(cls(d.handle_line(R"({"execute":"echo","arguments":[1]})")), "InvalidParameter");
+  EXPECT_TRUE(d.handle_line(R"({"execute":"echo","arguments":{"text":"a","n":3}})").contains("return"));
+}
+
+TEST(Admin, PolicyChange) {
+  auto ok = parse_policy_change({{"node", 1}, {"mode", "eager"}, {"rate-limit", 1048576}});
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(*ok->node, 1);
+  EXPECT_EQ(*ok->mode, fph::reclaim::PrivateMode::Eager);
+  EXPECT_EQ(*ok->rate_limit, 1048576u);
+  auto vm = parse_policy_change({{"vm", "a"}, {"paused", true}});
+  ASSERT_TRUE(vm);
+  EXPECT_TRUE(*vm->paused);
+  auto bad = [](json j) {
+    auto r = parse_policy_change(j);
+    EXPECT_FALSE(r) << j.dump();
+    return r ? std::string() : r.error().desc;
+  };
+  EXPECT_NE(bad({{"node", 0}, {"mode", "fast"}}).find("'mode'"), std::string::npos);
+  EXPECT_NE(bad({{"mode", "eager"}}).find("exactly one"), std::string::npos);
+  EXPECT_NE(bad({{"node", 0}, {"vm", "a"}, {"mode", "eager"}}).find("exactly one"), std::string::npos);
+  EXPECT_NE(bad({{"node", 0}}).find("nothing to change"), std::string::npos);
+  EXPECT_NE(bad({{"vm", "a"}, {"mode", "lazy"}}).find("per node"), std::string::npos);
+  EXPECT_NE(bad({{"node", 0}, {"paused", true}}).find("per VM"), std::string::npos);
+  EXPECT_NE(bad({{"node", -1}, {"mode", "lazy"}}).find("'node'"), std::string::npos);
+  EXPECT_NE(bad({{"node", 0}, {"rate-limit", "fast"}}).find("'rate-limit'"), std::string::npos);
+}
