@@ -11,6 +11,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   clang
   curl python3
+  gnuplot-nox
 )
 
 SUDO=""
