@@ -72,7 +72,7 @@ def gnuplot_script(csv_by_mode, png, limit_bytes, title):
         'set output "%s"' % png,
         'set title "%s"' % title,
         "set datafile separator ','",
-        "set key top left",
+        "set key below",
         "set xlabel 'time (s)'",
         "set ylabel 'host memory charged to the guests (MiB, cgroup usage)'",
         "set grid",

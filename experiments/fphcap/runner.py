@@ -163,6 +163,11 @@ class Sampler:
         self.th.join()
 
 
+def oom_killed(group, base, sigkilled):
+    """True if the cgroup's OOM kill counter (kernel) accounts for `sigkilled` SIGKILLs."""
+    return group.oom_kills() - base >= sigkilled
+
+
 def guest_rss_series(samples, name):
     return [(s["t"], s["rss"][name]) for s in samples if name in s["rss"]]
 
@@ -195,7 +200,8 @@ def run_guests(cfg, mode, specs, workdir, log=print):
             fphd = Fphd(cfg["fphd"], workdir)
         t0 = time.monotonic()
         sampler = Sampler(group, guests, cfg.get("interval", 0.2), t0)
-        oom_seen = group.oom_kills()
+        oom_base = group.oom_kills()
+        sigkilled = 0
         for spec in specs:
             argv = [cfg["guest"], "--name", spec["name"]] + mode_args(
                 spec.get("mode", mode), fphd.socket if fphd else None) + spec["args"]
@@ -210,16 +216,20 @@ def run_guests(cfg, mode, specs, workdir, log=print):
                 time.sleep(0.1)
                 now = time.monotonic() - t0
                 # Failures of any guest so far (the OOM killer picks the biggest).
-                kills = group.oom_kills()
                 for x in guests:
                     rc = x["proc"].p.poll()
                     if rc is not None and x["failed_at"] is None:
                         x["failed_at"] = now
-                        x["oom_killed"] = kills > oom_seen
+                        if rc == -signal.SIGKILL:
+                            # The kernel counts the kill before the process
+                            # is reaped: a SIGKILLed guest was OOM-killed if
+                            # the cgroup counted at least as many OOM kills
+                            # as guests died of SIGKILL so far.
+                            sigkilled += 1
+                            x["oom_killed"] = oom_killed(group, oom_base, sigkilled)
                     for e in x["proc"].find("workload_done"):
                         if e.get("alloc_shortfall_bytes", 0) > 0 and x["failed_at"] is None:
                             x["failed_at"] = e["_t"] - t0
-                oom_seen = kills if kills > oom_seen else oom_seen
                 if any(x["failed_at"] is not None for x in guests):
                     break
                 if not g["proc"].find("workload_done"):
@@ -249,7 +259,9 @@ def run_guests(cfg, mode, specs, workdir, log=print):
             g["returncode"] = g["proc"].stop(patience)
             if g["failed_at"] is None and not g["proc"].stopped_by_us:
                 g["failed_at"] = steady_to
-                g["oom_killed"] = group.oom_kills() > oom_seen
+                if g["returncode"] == -signal.SIGKILL:
+                    sigkilled += 1
+                    g["oom_killed"] = oom_killed(group, oom_base, sigkilled)
         samples = sampler.samples
         peak_file = group.peak()
         oom_total = group.oom_kills()
@@ -286,7 +298,8 @@ def summarize(mode, guests, samples, steady_from, steady_to, peak_file=None):
     discard = []
     for g in guests:
         freed = [e for e in g["events"] if e.get("event") == "workload_freed"]
-        if freed and samples:
+        # Only guests that fit: a guest being OOM-killed also "drops" its memory.
+        if freed and samples and g["fits"]:
             rel = freed[0]["_t"] - g.get("_t_base", 0)
             l = fit.reclaim_latency(guest_rss_series(samples, g["name"]), rel, freed[0]["bytes"])
             if l is not None:
@@ -334,13 +347,20 @@ def run_compare(cfg, workdir, methods=COMPARE_METHODS, log=print):
         os.makedirs(wd, exist_ok=True)
         trace = os.path.join(wd, "reuse.csv")
         with open(trace, "w") as f:
-            f.write(trace_text([(0, "alloc", s, "a"), (500, "free", "all", "a"),
-                                (500 + wait, "alloc", s, "a"), (1000 + wait, "free", "all", "a")]))
+            # The guest has `size` + 32 MiB of RAM, 32 MiB resident: the trace
+            # allocates all but 4 MiB of the rest, so the second allocation
+            # reuses (nearly) only memory that was reported.
+            r = "%dM" % (size // MIB - 4)
+            f.write(trace_text([(0, "alloc", r, "a"), (500, "free", "all", "a"),
+                                (500 + wait, "alloc", r, "a"), (1000 + wait, "free", "all", "a")]))
         common = ["--reporting-delay-ms", str(delay), "--resident", "32M"]
         a_cfg = dict(cfg, limit=2 * size + 256 * MIB, cgroup_name="fph-compare-%d" % os.getpid())
         res, samples, guests = run_guests(a_cfg, mode, [
-            {"name": "reuse", "args": ["--memory", "%dM" % (size // MIB + 64), "--workload",
-                                       "trace:" + trace] + common}], wd, log)
+            {"name": "reuse", "args": ["--memory", "%dM" % (size // MIB + 32), "--workload",
+                                       "trace:" + trace, "--no-check-reported"] + common}],
+            wd, log)
+        with open(os.path.join(wd, "reuse-usage.csv"), "w") as f:
+            f.write(report.usage_csv(samples, ["reuse"]))
         g = guests[0]
         ops = [e for e in g["events"] if e.get("event") == "trace_op"]
         row = {"method": label, "mode": mode}
@@ -362,14 +382,17 @@ def run_compare(cfg, workdir, methods=COMPARE_METHODS, log=print):
         row["reuse_fits"] = g.get("fits")
         row["reuse_reason"] = g.get("reason")
         # B) pressure
-        pressure_limit = size + 256 * MIB
+        # The limit leaves room for the second guest's `size` only if the
+        # first guest's freed `size` is really given back: 1.5 x size + 64 MiB
+        # (the first guest keeps 32 MiB resident plus its own overhead).
+        pressure_limit = size + size // 2 + 64 * MIB
         b_cfg = dict(cfg, limit=pressure_limit, cgroup_name="fph-compare-%d" % os.getpid())
         pres, psamples, pguests = run_guests(b_cfg, mode, [
             {"name": "freer", "args": ["--memory", "%dM" % (size // MIB + 64), "--workload",
                                        "alloc-free:%s:0" % s] + common},
             {"name": "pressure", "mode": "none",
-             "args": ["--memory", "%dM" % (size // MIB), "--workload",
-                      "alloc-free:%dM:0" % ((size - 64 * MIB) // MIB)]}], wd + "/pressure", log)
+             "args": ["--memory", "%dM" % (size // MIB + 64), "--workload",
+                      "alloc-free:%s:0" % s]}], wd + "/pressure", log)
         freer = next(x for x in pguests if x["name"] == "freer")
         press = next((x for x in pguests if x["name"] == "pressure"), None)
         row["pressure_fits"] = bool(press and press.get("fits") and freer.get("fits"))

@@ -60,6 +60,22 @@ class Classify(unittest.TestCase):
         self.assertEqual(fit.count_fit([]), 0)
 
 
+class OomAccounting(unittest.TestCase):
+    class Group:
+        def __init__(self, n):
+            self.n = n
+
+        def oom_kills(self):
+            return self.n
+
+    def test_sigkills_are_oom_kills_only_if_the_cgroup_counted_them(self):
+        # The kernel counts the OOM kill before the victim is reaped, so the
+        # counter may already be up when the runner sees the death.
+        self.assertTrue(runner.oom_killed(self.Group(1), 0, 1))
+        self.assertFalse(runner.oom_killed(self.Group(1), 0, 2))  # 2nd SIGKILL was not the OOM killer
+        self.assertFalse(runner.oom_killed(self.Group(3), 3, 1))  # kills before this run do not count
+
+
 class Latency(unittest.TestCase):
     def test_first_time_resident_dropped_by_90_percent_of_freed(self):
         s = [(0, 500 * MIB), (1, 500 * MIB), (2, 500 * MIB), (3, 300 * MIB), (4, 60 * MIB), (5, 60 * MIB)]

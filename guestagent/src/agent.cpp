@@ -36,6 +36,8 @@ Expected<void, std::string> validate(Config& c) {
       !c.connect_path.empty() + !c.listen_path.empty() + (c.local_reclaim ? 1 : 0);
   if (transports != 1)
     return bad("exactly one of --connect PATH, --listen PATH or --local-reclaim METHOD is required");
+  if (c.require_discard && !c.check_reported)
+    return bad("--require-discard needs the reported-page check (no --no-check-reported)");
   if (c.local_reclaim) {
     if (c.hugetlb) return bad("--local-reclaim uses private anonymous memory: no --hugetlb");
     if (c.mmap_offset) return bad("--local-reclaim takes no --mmap-offset");
@@ -262,6 +264,7 @@ int run(const Config& c, EventSink& events) {
                  {"bytes", bytes}, {"us", us}, {"minflt", minflt}});
   };
   Workload workload(buddy, zone, checker, counters, wh, c.seed);
+  workload.set_check_reported(c.check_reported);
 
   // Resident set: allocated before the first reporting pass, never freed.
   std::vector<Held> resident;

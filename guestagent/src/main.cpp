@@ -65,6 +65,10 @@ int main(int argc, char** argv) {
   app.add_flag("--mem-table", c.mem_table, "use SET_MEM_TABLE even if ADD_MEM_REG is offered");
   app.add_flag("--require-discard", c.require_discard,
                "exit 3 if reported pages do not read back as zero/poison");
+  bool no_check_reported = false;
+  app.add_flag("--no-check-reported", no_check_reported,
+               "do not read reported pages back on reallocation (timing runs: the reads would "
+               "add faults and time to the refault cost being measured)");
   app.add_option("--seed", c.seed, "workload random seed")->capture_default_str();
   app.add_option("--log-level", log_level, "debug | info | warn | error")->capture_default_str();
 
@@ -106,6 +110,7 @@ int main(int argc, char** argv) {
     }
   }
   if (numa_node >= 0) c.numa_node = numa_node;
+  c.check_reported = !no_check_reported;
   if (local_reclaim == "dontneed") c.local_reclaim = LocalMethod::Dontneed;
   else if (local_reclaim == "free") c.local_reclaim = LocalMethod::Free;
   c.reporting_delay = std::chrono::milliseconds(delay_ms);

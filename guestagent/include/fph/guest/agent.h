@@ -54,7 +54,8 @@ struct Config {
   std::optional<std::chrono::milliseconds> duration;
   bool exit_when_reported = false;
   bool reconnect = false;
-  bool require_discard = false;  // reported pages not reading as free value -> exit 3
+  bool require_discard = false;
+  bool check_reported = true;    // false: --no-check-reported (timing runs)  // reported pages not reading as free value -> exit 3
   uint64_t seed = 1;
 };
 

@@ -76,6 +76,10 @@ class MemoryChecker {
   // the bytes of previously reported frames that do not read as the free
   // value, and clears their marks. Returns {checked bytes, bad bytes}.
   std::pair<uint64_t, uint64_t> check_allocated(uint64_t frame, int order);
+  // Clears the reported marks of a freshly allocated block without reading
+  // it (--no-check-reported: timing runs where the check's reads would
+  // distort the refault cost being measured).
+  void forget_reported(uint64_t frame, int order);
 
   // Local mode with MADV_FREE (lazy): after madvise(MADV_FREE) the kernel
   // may free a page at any time before it is written again, or never (no
@@ -140,6 +144,9 @@ class Workload {
   // Bytes that do not match their pattern (adds to corrupted_bytes).
   uint64_t verify_all(const std::vector<Held>& blocks);
 
+  // false: do not read reported pages on reallocation (timing runs).
+  void set_check_reported(bool on) { check_reported_ = on; }
+
   // Runs `spec` once (returns early on *stop).
   void run(const WorkloadSpec& spec, const std::atomic<bool>& stop);
 
@@ -156,6 +163,7 @@ class Workload {
   uint64_t next_gen_ = 1;
   const std::atomic<bool>* stop_ = nullptr;  // run()'s stop flag: ends allocation stalls
   bool warned_oom_ = false;
+  bool check_reported_ = true;
 };
 
 }  // namespace fph::guest
