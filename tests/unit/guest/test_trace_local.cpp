@@ -9,6 +9,7 @@
 #include <cstring>
 #include <thread>
 
+#include "fph/guest/agent.h"
 #include "fph/guest/guest_memory.h"
 #include "fph/guest/local_reporter.h"
 #include "fph/guest/trace.h"
@@ -189,4 +190,40 @@ TEST(MemoryChecker, LazyModeAcceptsZeroOrSnapshotButNotOtherData) {
   EXPECT_GT(bad, 0u);
   EXPECT_EQ(c.lazy_zero_frames(), 1u);
   EXPECT_EQ(c.lazy_kept_frames(), 2u);
+}
+
+TEST(LocalMode, ValidateRequiresExactlyOneTransportAndRejectsSharedOnlyOptions) {
+  auto check = [](auto mutate) {
+    fph::guest::Config c;
+    c.local_reclaim = LocalMethod::Dontneed;
+    mutate(c);
+    return validate(c);
+  };
+  EXPECT_TRUE(check([](Config&) {}));
+  EXPECT_FALSE(check([](Config& c) { c.connect_path = "/s"; }));
+  EXPECT_FALSE(check([](Config& c) { c.hugetlb = true; }));
+  EXPECT_FALSE(check([](Config& c) { c.poison = 0xaa; }));
+  EXPECT_FALSE(check([](Config& c) { c.mmap_offset = 4096; }));
+  EXPECT_FALSE(check([](Config& c) { c.reconnect = true; }));
+  EXPECT_FALSE(check([](Config& c) {
+    c.require_discard = true;
+    c.check_reported = false;
+  }));
+  fph::guest::Config none;
+  EXPECT_FALSE(validate(none));
+}
+
+TEST(LocalReporter, NoCheckReportedSkipsTheReadBackButKeepsPatterns) {
+  LocalRig r(LocalMethod::Dontneed);
+  r.workload->set_check_reported(false);
+  r.rep->start();
+  auto held = r.workload->alloc_bytes(48ull << 20);
+  r.workload->free_all(held);
+  ASSERT_TRUE(wait_for([&] { return r.completed.load() > 0 && r.settled(); }));
+  auto again = r.workload->alloc_bytes(48ull << 20);
+  EXPECT_EQ(r.counters.reported_bytes_checked.load(), 0u);
+  EXPECT_EQ(r.workload->verify_all(again), 0u);
+  r.workload->free_all(again);
+  r.rep->request_stop();
+  r.rep->join();
 }
