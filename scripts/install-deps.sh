@@ -12,6 +12,7 @@ PACKAGES=(
   clang
   curl python3 python3-yaml
   prometheus
+  gnuplot-nox
 )
 
 SUDO=""

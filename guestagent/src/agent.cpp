@@ -8,7 +8,9 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <thread>
+#include <type_traits>
 
 #include "fph/common/log.h"
 #include "fph/guest/balloon_driver.h"
@@ -30,8 +32,20 @@ void EventSink::emit(const json& j) {
 
 Expected<void, std::string> validate(Config& c) {
   auto bad = [](std::string s) { return Unexpected<std::string>{std::move(s)}; };
-  if (c.connect_path.empty() == c.listen_path.empty())
-    return bad("exactly one of --connect PATH or --listen PATH is required");
+  const int transports =
+      !c.connect_path.empty() + !c.listen_path.empty() + (c.local_reclaim ? 1 : 0);
+  if (transports != 1)
+    return bad("exactly one of --connect PATH, --listen PATH or --local-reclaim METHOD is required");
+  if (c.require_discard && !c.check_reported)
+    return bad("--require-discard needs the reported-page check (no --no-check-reported)");
+  if (c.local_reclaim) {
+    if (c.hugetlb) return bad("--local-reclaim uses private anonymous memory: no --hugetlb");
+    if (c.mmap_offset) return bad("--local-reclaim takes no --mmap-offset");
+    if (c.poison)
+      return bad("--local-reclaim discards with madvise, after which pages read zero: no --poison");
+    if (c.reconnect || c.mem_table)
+      return bad("--reconnect and --mem-table need a vhost-user connection");
+  }
   if (c.name.empty()) c.name = fmt::format("fph-guest-{}", ::getpid());
   if (c.reporting_order < 0 || c.reporting_order > kMaxOrder)
     return bad(fmt::format("--reporting-order must be 0..{}", kMaxOrder));
@@ -61,6 +75,143 @@ uint64_t verify_resident(const MemoryChecker& checker, const std::vector<Held>& 
 
 }  // namespace
 
+namespace {
+
+// What the agent's main loop needs, whichever transport reports the memory.
+struct Env {
+  const Config& c;
+  EventSink& events;
+  GuestMemory& mem;
+  BuddyAllocator& buddy;
+  std::mutex& zone;
+  IntegrityCounters& counters;
+  MemoryChecker& checker;
+  Workload& workload;
+  std::vector<Held>& resident;
+  int sigfd;
+};
+
+// Runs the workload and the main loop with a started-or-startable transport
+// `driver` (BalloonDriver or LocalReporter), then stops it and emits the
+// summary. `skip_loop`: a signal arrived during setup.
+template <class Dev>
+int drive(Env& e, Dev& driver, bool skip_loop) {
+  const Config& c = e.c;
+  std::atomic<bool> stop_workload{false};
+  std::atomic<bool> workload_done{false};
+  driver.start();
+
+  std::thread wthread([&] {
+    for (int i = 0; i < c.repeat && !stop_workload.load(); ++i) e.workload.run(c.workload, stop_workload);
+    workload_done.store(true);
+    if (c.workload.kind != WorkloadSpec::Kind::None) {
+      log::info("agent", "workload done ({} run(s))", c.repeat);
+      e.events.emit({{"event", "workload_done"},
+                     {"alloc_shortfall_bytes", e.counters.alloc_shortfall_bytes.load()}});
+    }
+  });
+
+  const auto started = Clock::now();
+  std::string reason = "signal";
+  while (!skip_loop) {
+    pollfd p[2] = {{e.sigfd, POLLIN, 0}, {driver.done_fd(), POLLIN, 0}};
+    const int n = ::poll(p, 2, 50);
+    if (n < 0 && errno != EINTR) {
+      log::error("agent", "poll: {}", std::strerror(errno));
+      reason = "error";
+      break;
+    }
+    if (n > 0 && p[0].revents) {
+      signalfd_siginfo si{};
+      (void)!::read(e.sigfd, &si, sizeof si);
+      log::info("agent", "{} received, shutting down", strsignal(static_cast<int>(si.ssi_signo)));
+      reason = "signal";
+      break;
+    }
+    if (n > 0 && p[1].revents) {
+      reason = driver.exit_state() == BalloonDriver::Exit::ConnectionLost ? "connection_lost"
+                                                                          : "driver_stopped";
+      break;
+    }
+    if (c.duration && Clock::now() - started >= *c.duration) {
+      reason = "duration";
+      break;
+    }
+    if (c.exit_when_reported && workload_done.load()) {
+      bool done = true;
+      if (driver.reporting_active()) {
+        std::lock_guard lk(e.zone);
+        // Isolated frames count as work: between isolating and posting a
+        // request there is a moment with nothing in the driver's map.
+        done = e.buddy.unreported_candidate_frames(c.reporting_order) == 0 &&
+               e.buddy.stats().isolated_frames == 0;
+      }
+      done = done && driver.inflight_requests() == 0;
+      if (done) {
+        reason = "reported";
+        break;
+      }
+    }
+  }
+
+  stop_workload.store(true);
+  wthread.join();
+  driver.request_stop();
+  driver.join();
+
+  if (!e.resident.empty()) {
+    const uint64_t bad = verify_resident(e.checker, e.resident);
+    e.counters.resident_checks++;
+    if (bad) {
+      e.counters.corrupted_bytes += bad;
+      log::error("agent", "CORRUPTION: {} resident bytes changed (final check)", bad);
+    }
+  }
+
+  const auto rs = driver.reporting()->stats();
+  int code = kExitOk;
+  if (driver.exit_state() == BalloonDriver::Exit::ConnectionLost) code = kExitConnectionLost;
+  else if (driver.exit_state() == BalloonDriver::Exit::Error) code = kExitSetup;
+  if (e.counters.corrupted_bytes.load() > 0 ||
+      (c.require_discard && e.counters.reported_nonzero_bytes.load() > 0))
+    code = kExitCorruption;
+  json sum = {{"event", "summary"},
+              {"name", c.name},
+              {"reason", reason},
+              {"exit_code", code},
+              {"reported_bytes", rs.bytes_reported},
+              {"requests", rs.requests},
+              {"requests_failed", rs.requests_failed},
+              {"blocks_reported", rs.blocks_reported},
+              {"corrupted_bytes", e.counters.corrupted_bytes.load()},
+              {"reported_nonzero_bytes", e.counters.reported_nonzero_bytes.load()},
+              {"reported_bytes_checked", e.counters.reported_bytes_checked.load()},
+              {"resident_checks", e.counters.resident_checks.load()},
+              {"verified_bytes", e.counters.verified_bytes.load()},
+              {"alloc_shortfall_bytes", e.counters.alloc_shortfall_bytes.load()},
+              {"reconnects", driver.reconnects()},
+              {"calls", driver.calls()},
+              {"spurious_calls", driver.spurious_calls()},
+              {"backing_bytes", e.mem.backing_bytes()}};
+  if constexpr (std::is_same_v<Dev, LocalReporter>) {
+    const auto ls = driver.local_stats();
+    sum["local_reclaim"] = std::string(to_string(*c.local_reclaim));
+    sum["discard_syscalls"] = ls.discard_syscalls;
+    sum["discarded_bytes"] = ls.discarded_bytes;
+    sum["discard_skipped_bytes"] = ls.skipped_bytes;
+    sum["discard_ns"] = ls.discard_ns;
+    sum["discard_ns_max"] = ls.discard_ns_max;
+    sum["lazy_zero_frames"] = e.checker.lazy_zero_frames();
+    sum["lazy_kept_frames"] = e.checker.lazy_kept_frames();
+  }
+  e.events.emit(sum);
+  if (code == kExitConnectionLost)
+    log::error("agent", "exiting: {}", driver.exit_message());
+  return code;
+}
+
+}  // namespace
+
 int run(const Config& c, EventSink& events) {
   // Signals are taken synchronously by the main loop; block them before any
   // thread starts so every thread inherits the mask.
@@ -84,8 +235,10 @@ int run(const Config& c, EventSink& events) {
   mo.hugetlb = c.hugetlb;
   mo.numa_node = c.numa_node;
   mo.mmap_offset = c.mmap_offset;
-  mo.ring_sizes = {kInflateQueueSize, kDeflateQueueSize,
-                   reporting_queue_size(c.capacity, c.max_inflight)};
+  mo.private_anon = c.local_reclaim.has_value();
+  if (!mo.private_anon)  // local mode has no rings
+    mo.ring_sizes = {kInflateQueueSize, kDeflateQueueSize,
+                     reporting_queue_size(c.capacity, c.max_inflight)};
   auto memr = GuestMemory::create(mo);
   if (!memr) {
     log::error("agent", "guest memory: {}", memr.error());
@@ -97,16 +250,21 @@ int run(const Config& c, EventSink& events) {
   IntegrityCounters counters;
   MemoryChecker checker(mem, c.poison);
   checker.poison_all(mem.reserved_frames());
+  if (c.local_reclaim == LocalMethod::Free) checker.set_lazy_free(true);
 
-  std::atomic<bool> stop_workload{false};
-  std::atomic<bool> workload_done{false};
-  BalloonDriver* driver_ptr = nullptr;
+  std::function<void(int)> notify;  // set once the transport exists
   WorkloadHooks wh;
   wh.notify_free = [&](int order) {
-    if (driver_ptr) driver_ptr->notify_free(order);
+    if (notify) notify(order);
   };
   wh.on_freed = [&](uint64_t bytes) { events.emit({{"event", "workload_freed"}, {"bytes", bytes}}); };
+  wh.on_trace_op = [&](const TraceOp& op, uint64_t bytes, uint64_t us, uint64_t minflt) {
+    events.emit({{"event", "trace_op"}, {"line", op.line}, {"time_ms", op.time_ms},
+                 {"op", op.op == TraceOp::Kind::Alloc ? "alloc" : "free"}, {"tag", op.tag},
+                 {"bytes", bytes}, {"us", us}, {"minflt", minflt}});
+  };
   Workload workload(buddy, zone, checker, counters, wh, c.seed);
+  workload.set_check_reported(c.check_reported);
 
   // Resident set: allocated before the first reporting pass, never freed.
   std::vector<Held> resident;
@@ -117,7 +275,68 @@ int run(const Config& c, EventSink& events) {
     log::info("agent", "resident set: {} MiB in {} blocks", resident_bytes >> 20, resident.size());
   }
 
-  // Transport.
+  DriverHooks hooks;
+  hooks.before_complete = [&](const ReportRequest& r) {
+    for (const auto& b : r.blocks) checker.mark_reported(b.frame, b.order);
+  };
+  hooks.after_complete = [&](const ReportRequest& r) {
+    uint64_t bytes = 0;
+    for (const auto& b : r.blocks) bytes += b.bytes();
+    json ev = {{"event", "report_done"}, {"id", r.id}, {"bytes", bytes},
+               {"blocks", r.blocks.size()}};
+    if (r.posted != Clock::time_point{} && r.used >= r.posted) {
+      // Kick to used, as the driver saw it (steady_clock = CLOCK_MONOTONIC:
+      // posted_ns can be compared with other processes' clocks, e.g. fph-bench).
+      ev["latency_us"] = std::chrono::duration<double, std::micro>(r.used - r.posted).count();
+      ev["posted_ns"] = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            r.posted.time_since_epoch()).count();
+    }
+    events.emit(ev);
+    // A discard wave just finished: the resident set must be untouched
+    // (DESIGN 3: nothing outside a reported range is ever discarded).
+    if (!resident.empty()) {
+      const uint64_t bad = verify_resident(checker, resident);
+      counters.resident_checks++;
+      if (bad) {
+        counters.corrupted_bytes += bad;
+        log::error("agent", "CORRUPTION: {} resident bytes changed after request {}", bad, r.id);
+      }
+    }
+  };
+  hooks.on_connected = [&](const Negotiated& n, bool reconnected) {
+    if (reconnected)
+      events.emit({{"event", "reconnected"}, {"features", n.features}});
+  };
+
+  Env env{c, events, mem, buddy, zone, counters, checker, workload, resident, sigfd.get()};
+
+  if (c.local_reclaim) {
+    LocalOptions lo;
+    lo.method = *c.local_reclaim;
+    lo.reporting_enabled = !c.no_reporting;
+    lo.reporting.order = c.reporting_order;
+    lo.reporting.capacity = c.capacity;
+    lo.reporting.delay = c.reporting_delay;
+    lo.reporting.max_inflight = c.max_inflight;
+    LocalReporter local(mem, buddy, zone, lo, hooks);
+    notify = [&](int order) { local.notify_free(order); };
+    events.emit({{"event", "ready"},
+                 {"name", c.name},
+                 {"pid", ::getpid()},
+                 {"memory_bytes", mem.size()},
+                 {"regions", mem.regions().size()},
+                 {"transport", "local"},
+                 {"local_reclaim", std::string(to_string(*c.local_reclaim))},
+                 {"reporting", !c.no_reporting},
+                 {"poison", nullptr},
+                 {"reporting_order", c.reporting_order},
+                 {"resident_bytes", resident_bytes}});
+    const int code = drive(env, local, false);
+    notify = nullptr;
+    return code;
+  }
+
+  // Transport: vhost-user.
   std::optional<UnixListener> listener;
   Connector connector;
   if (!c.listen_path.empty()) {
@@ -149,41 +368,8 @@ int run(const Config& c, EventSink& events) {
   dopt.reporting.max_inflight = c.max_inflight;
   dopt.reconnect = c.reconnect;
 
-  DriverHooks hooks;
-  hooks.before_complete = [&](const ReportRequest& r) {
-    for (const auto& b : r.blocks) checker.mark_reported(b.frame, b.order);
-  };
-  hooks.after_complete = [&](const ReportRequest& r) {
-    uint64_t bytes = 0;
-    for (const auto& b : r.blocks) bytes += b.bytes();
-    json ev = {{"event", "report_done"}, {"id", r.id}, {"bytes", bytes},
-               {"blocks", r.blocks.size()}};
-    if (r.posted != Clock::time_point{} && r.used >= r.posted) {
-      // Kick to used, as the driver saw it (steady_clock = CLOCK_MONOTONIC:
-      // posted_ns can be compared with other processes' clocks).
-      ev["latency_us"] = std::chrono::duration<double, std::micro>(r.used - r.posted).count();
-      ev["posted_ns"] = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                            r.posted.time_since_epoch()).count();
-    }
-    events.emit(ev);
-    // A discard wave just finished: the resident set must be untouched
-    // (DESIGN 3: nothing outside a reported range is ever discarded).
-    if (!resident.empty()) {
-      const uint64_t bad = verify_resident(checker, resident);
-      counters.resident_checks++;
-      if (bad) {
-        counters.corrupted_bytes += bad;
-        log::error("agent", "CORRUPTION: {} resident bytes changed after request {}", bad, r.id);
-      }
-    }
-  };
-  hooks.on_connected = [&](const Negotiated& n, bool reconnected) {
-    if (reconnected)
-      events.emit({{"event", "reconnected"}, {"features", n.features}});
-  };
-
   BalloonDriver driver(mem, buddy, zone, dopt, connector, hooks);
-  driver_ptr = &driver;
+  notify = [&](int order) { driver.notify_free(order); };
   // The first connection may wait long (daemon not up yet, nobody attaching
   // to --listen): a signal meanwhile cancels it.
   std::atomic<bool> setup_done{false};
@@ -206,6 +392,7 @@ int run(const Config& c, EventSink& events) {
   setup_done.store(true);
   watcher.join();
   if (!neg) {
+    notify = nullptr;
     if (setup_signalled.load()) return kExitOk;
     log::error("agent", "vhost-user setup failed ({}): {}", to_string(neg.error().code),
                neg.error().message);
@@ -216,6 +403,7 @@ int run(const Config& c, EventSink& events) {
                {"pid", ::getpid()},
                {"memory_bytes", mem.size()},
                {"regions", mem.regions().size()},
+               {"transport", "vhost-user"},
                {"features", neg->features},
                {"device_features", neg->device_features},
                {"protocol_features", neg->protocol},
@@ -223,99 +411,8 @@ int run(const Config& c, EventSink& events) {
                {"poison", neg->poison() ? json(neg->config.poison_val) : json(nullptr)},
                {"reporting_order", c.reporting_order},
                {"resident_bytes", resident_bytes}});
-  driver.start();
-
-  std::thread wthread([&] {
-    for (int i = 0; i < c.repeat && !stop_workload.load(); ++i) workload.run(c.workload, stop_workload);
-    workload_done.store(true);
-    if (c.workload.kind != WorkloadSpec::Kind::None)
-      log::info("agent", "workload done ({} run(s))", c.repeat);
-  });
-
-  const auto started = Clock::now();
-  std::string reason = "signal";
-  while (!setup_signalled.load()) {
-    pollfd p[2] = {{sigfd.get(), POLLIN, 0}, {driver.done_fd(), POLLIN, 0}};
-    const int n = ::poll(p, 2, 50);
-    if (n < 0 && errno != EINTR) {
-      log::error("agent", "poll: {}", std::strerror(errno));
-      reason = "error";
-      break;
-    }
-    if (n > 0 && p[0].revents) {
-      signalfd_siginfo si{};
-      (void)!::read(sigfd.get(), &si, sizeof si);
-      log::info("agent", "{} received, shutting down", strsignal(static_cast<int>(si.ssi_signo)));
-      reason = "signal";
-      break;
-    }
-    if (n > 0 && p[1].revents) {
-      reason = driver.exit_state() == BalloonDriver::Exit::ConnectionLost ? "connection_lost"
-                                                                          : "driver_stopped";
-      break;
-    }
-    if (c.duration && Clock::now() - started >= *c.duration) {
-      reason = "duration";
-      break;
-    }
-    if (c.exit_when_reported && workload_done.load()) {
-      bool done = true;
-      if (driver.reporting_active()) {
-        std::lock_guard lk(zone);
-        // Isolated frames count as work: between isolating and posting a
-        // request there is a moment with nothing in the driver's map.
-        done = buddy.unreported_candidate_frames(c.reporting_order) == 0 &&
-               buddy.stats().isolated_frames == 0;
-      }
-      done = done && driver.inflight_requests() == 0;
-      if (done) {
-        reason = "reported";
-        break;
-      }
-    }
-  }
-
-  stop_workload.store(true);
-  wthread.join();
-  driver.request_stop();
-  driver.join();
-  driver_ptr = nullptr;
-
-  if (!resident.empty()) {
-    const uint64_t bad = verify_resident(checker, resident);
-    counters.resident_checks++;
-    if (bad) {
-      counters.corrupted_bytes += bad;
-      log::error("agent", "CORRUPTION: {} resident bytes changed (final check)", bad);
-    }
-  }
-
-  const auto rs = driver.reporting()->stats();
-  int code = kExitOk;
-  if (driver.exit_state() == BalloonDriver::Exit::ConnectionLost) code = kExitConnectionLost;
-  else if (driver.exit_state() == BalloonDriver::Exit::Error) code = kExitSetup;
-  if (counters.corrupted_bytes.load() > 0 ||
-      (c.require_discard && counters.reported_nonzero_bytes.load() > 0))
-    code = kExitCorruption;
-  events.emit({{"event", "summary"},
-               {"name", c.name},
-               {"reason", reason},
-               {"exit_code", code},
-               {"reported_bytes", rs.bytes_reported},
-               {"requests", rs.requests},
-               {"requests_failed", rs.requests_failed},
-               {"blocks_reported", rs.blocks_reported},
-               {"corrupted_bytes", counters.corrupted_bytes.load()},
-               {"reported_nonzero_bytes", counters.reported_nonzero_bytes.load()},
-               {"reported_bytes_checked", counters.reported_bytes_checked.load()},
-               {"resident_checks", counters.resident_checks.load()},
-               {"verified_bytes", counters.verified_bytes.load()},
-               {"reconnects", driver.reconnects()},
-               {"calls", driver.calls()},
-               {"spurious_calls", driver.spurious_calls()},
-               {"backing_bytes", mem.backing_bytes()}});
-  if (code == kExitConnectionLost)
-    log::error("agent", "exiting: {}", driver.exit_message());
+  const int code = drive(env, driver, setup_signalled.load());
+  notify = nullptr;
   return code;
 }
 

@@ -105,7 +105,29 @@ Expected<std::unique_ptr<GuestMemory>, std::string> GuestMemory::create(
   if (reserved_bytes >= region_size)
     return unexpected(std::string("ring area does not fit in the first region"));
 
+  m->private_anon_ = o.private_anon;
+  if (o.private_anon && (o.hugetlb || o.mmap_offset))
+    return unexpected(std::string("private anonymous RAM takes no --hugetlb or --mmap-offset"));
   for (uint32_t i = 0; i < o.regions; ++i) {
+    if (o.private_anon) {
+      void* p = mmap(nullptr, region_size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) return unexpected(errno_text("mmap(private anonymous guest ram)"));
+      MemRegion r;
+      r.gpa = o.gpa_base + i * region_size;
+      r.size = region_size;
+      r.host = static_cast<uint8_t*>(p);
+      m->regions_.push_back(std::move(r));
+      if (o.numa_node) {
+        const int node = *o.numa_node;
+        if (node < 0 || node >= 1024) return unexpected(std::string("--numa-node out of range"));
+        unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {};
+        mask[node / (8 * sizeof(unsigned long))] |= 1ul << (node % (8 * sizeof(unsigned long)));
+        if (mbind(p, region_size, MPOL_BIND, mask, 1024, 0) != 0)
+          return unexpected(fmt::format("mbind(MPOL_BIND, node {}): {}", node, std::strerror(errno)));
+      }
+      continue;
+    }
     const unsigned flags = MFD_CLOEXEC | (o.hugetlb ? MFD_HUGETLB : 0u);
     UniqueFd fd(memfd_create("fph-guest-ram", flags));
     if (!fd) return unexpected(errno_text("memfd_create(fph-guest-ram)"));
@@ -139,8 +161,9 @@ Expected<std::unique_ptr<GuestMemory>, std::string> GuestMemory::create(
         return unexpected(fmt::format("mbind(MPOL_BIND, node {}): {}", node, std::strerror(errno)));
     }
   }
-  log::info("mem", "guest RAM {} MiB in {} memfd region(s) of {} MiB at gpa {:#x}{}{}",
-            m->total_ >> 20, o.regions, region_size >> 20, o.gpa_base,
+  log::info("mem", "guest RAM {} MiB in {} {} region(s) of {} MiB at gpa {:#x}{}{}",
+            m->total_ >> 20, o.regions, o.private_anon ? "private anonymous" : "memfd",
+            region_size >> 20, o.gpa_base,
             o.hugetlb ? ", hugetlb" : "",
             o.numa_node ? fmt::format(", bound to node {}", *o.numa_node) : std::string());
   return m;
@@ -169,6 +192,15 @@ uint8_t* GuestMemory::frame_ptr(uint64_t frame) const {
 
 uint64_t GuestMemory::backing_bytes() const {
   uint64_t sum = 0;
+  if (private_anon_) {
+    const long page = sysconf(_SC_PAGESIZE);
+    for (const auto& r : regions_) {
+      std::vector<unsigned char> vec((r.size + page - 1) / page);
+      if (mincore(r.host, r.size, vec.data()) != 0) continue;
+      for (unsigned char v : vec) sum += (v & 1) ? static_cast<uint64_t>(page) : 0;
+    }
+    return sum;
+  }
   for (const auto& r : regions_) {
     struct stat st {};
     if (fstat(r.fd.get(), &st) == 0) sum += static_cast<uint64_t>(st.st_blocks) * 512;

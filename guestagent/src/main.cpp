@@ -23,6 +23,13 @@ int main(int argc, char** argv) {
   auto* lis = app.add_option("--listen", c.listen_path,
                              "create this socket and wait for fphd to attach");
   conn->excludes(lis);
+  std::string local_reclaim;
+  app.add_option("--local-reclaim", local_reclaim,
+                 "no vhost-user: private anonymous RAM, reported blocks discarded in-process "
+                 "with madvise: dontneed | free")
+      ->check(CLI::IsMember({"dontneed", "free"}))
+      ->excludes(conn)
+      ->excludes(lis);
   app.add_option("--name", c.name, "VM name (logs, events)");
   app.add_option("--connect-timeout", connect_timeout,
                  "seconds to wait for the socket / the back end to attach")
@@ -45,7 +52,8 @@ int main(int argc, char** argv) {
   app.add_flag("--no-reporting", c.no_reporting, "do not negotiate free page reporting");
   app.add_option("--poison", poison, "negotiate PAGE_POISON with this poison_val (hex)");
   app.add_option("--workload", workload,
-                 "none | alloc-free:SIZE[:HOLD_MS] | churn:SIZE:SECONDS")
+                 "none | alloc-free:SIZE[:HOLD_MS] | churn:SIZE:SECONDS | trace:FILE "
+                 "(CSV time_ms,op,size[,tag]: docs/experiments.md)")
       ->capture_default_str();
   app.add_option("--resident", resident, "memory allocated at start, never freed, verified")
       ->capture_default_str();
@@ -57,6 +65,10 @@ int main(int argc, char** argv) {
   app.add_flag("--mem-table", c.mem_table, "use SET_MEM_TABLE even if ADD_MEM_REG is offered");
   app.add_flag("--require-discard", c.require_discard,
                "exit 3 if reported pages do not read back as zero/poison");
+  bool no_check_reported = false;
+  app.add_flag("--no-check-reported", no_check_reported,
+               "do not read reported pages back on reallocation (timing runs: the reads would "
+               "add faults and time to the refault cost being measured)");
   app.add_option("--seed", c.seed, "workload random seed")->capture_default_str();
   app.add_option("--log-level", log_level, "debug | info | warn | error")->capture_default_str();
 
@@ -98,6 +110,9 @@ int main(int argc, char** argv) {
     }
   }
   if (numa_node >= 0) c.numa_node = numa_node;
+  c.check_reported = !no_check_reported;
+  if (local_reclaim == "dontneed") c.local_reclaim = LocalMethod::Dontneed;
+  else if (local_reclaim == "free") c.local_reclaim = LocalMethod::Free;
   c.reporting_delay = std::chrono::milliseconds(delay_ms);
   c.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_timeout * 1000));
   if (duration > 0) c.duration = std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));

@@ -1,10 +1,13 @@
 #include "fph/guest/workload.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <bit>
 #include <cctype>
 #include <charconv>
 #include <cstring>
+#include <map>
 #include <thread>
 
 #include "fph/common/checked.h"
@@ -40,6 +43,13 @@ inline uint64_t diff_bytes(uint64_t a, uint64_t b) {
 inline uint64_t* words(uint8_t* p) { return reinterpret_cast<uint64_t*>(p); }
 
 Unexpected<std::string> err(std::string s) { return Unexpected<std::string>{std::move(s)}; }
+
+// Minor page faults of the whole process so far (the kernel's count).
+uint64_t minor_faults() {
+  rusage ru{};
+  if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+  return static_cast<uint64_t>(ru.ru_minflt);
+}
 
 }  // namespace
 
@@ -115,8 +125,17 @@ Expected<WorkloadSpec, std::string> parse_workload(std::string_view s) {
     if (w.bytes == 0) return err("churn SIZE must be > 0");
     return w;
   }
+  if (parts[0] == "trace") {
+    const std::string_view file = s.size() > 6 ? s.substr(6) : std::string_view{};
+    if (file.empty()) return err("bad workload 'trace:': want trace:FILE");
+    auto t = load_trace(std::string(file));
+    if (!t) return err(t.error());
+    w.kind = WorkloadSpec::Kind::Trace;
+    w.trace = std::make_shared<const Trace>(std::move(*t));
+    return w;
+  }
   return err(fmt::format("unknown workload '{}' (none, alloc-free:SIZE[:HOLD_MS], "
-                         "churn:SIZE:SECONDS)", s));
+                         "churn:SIZE:SECONDS, trace:FILE)", s));
 }
 
 // ---------------------------------------------------------------- checker
@@ -171,11 +190,35 @@ void MemoryChecker::poison_all(uint64_t first_frame) const {
   for (uint64_t f = first_frame; f < mem_.frames(); ++f) poison(f, 0);
 }
 
+namespace {
+uint64_t frame_hash(const uint64_t* w) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < kWordsPerFrame; ++i) h = (h ^ w[i]) * 0x100000001b3ull;
+  return h;
+}
+}  // namespace
+
+void MemoryChecker::set_lazy_free(bool on) {
+  lazy_ = on;
+  snapshot_.assign(on ? reported_.size() : 0, 0);
+}
+
 void MemoryChecker::mark_reported(uint64_t frame, int order) {
   const uint64_t n = uint64_t{1} << order;
   if (frame + n > reported_.size()) return;
+  if (lazy_) {
+    for (uint64_t f = frame; f < frame + n; ++f)
+      snapshot_[f] = frame_hash(words(mem_.frame_ptr(f)));
+  }
   std::fill(reported_.begin() + static_cast<ptrdiff_t>(frame),
             reported_.begin() + static_cast<ptrdiff_t>(frame + n), uint8_t{1});
+}
+
+void MemoryChecker::forget_reported(uint64_t frame, int order) {
+  const uint64_t n = uint64_t{1} << order;
+  if (frame + n > reported_.size()) return;
+  std::fill(reported_.begin() + static_cast<ptrdiff_t>(frame),
+            reported_.begin() + static_cast<ptrdiff_t>(frame + n), uint8_t{0});
 }
 
 std::pair<uint64_t, uint64_t> MemoryChecker::check_allocated(uint64_t frame, int order) {
@@ -187,6 +230,18 @@ std::pair<uint64_t, uint64_t> MemoryChecker::check_allocated(uint64_t frame, int
     reported_[f] = 0;
     checked += kFrameSize;
     const uint64_t* w = words(mem_.frame_ptr(f));
+    if (lazy_) {
+      bool zero = true;
+      for (size_t i = 0; i < kWordsPerFrame && zero; ++i) zero = w[i] == 0;
+      if (zero) {
+        lazy_zero_++;
+      } else if (frame_hash(w) == snapshot_[f]) {
+        lazy_kept_++;
+      } else {
+        for (size_t i = 0; i < kWordsPerFrame; ++i) bad += diff_bytes(w[i], 0);
+      }
+      continue;
+    }
     for (size_t i = 0; i < kWordsPerFrame; ++i)
       if (w[i] != free_word_) [[unlikely]] bad += diff_bytes(w[i], free_word_);
   }
@@ -210,6 +265,11 @@ std::optional<Held> Workload::alloc_block(int order) {
   Held h{*f, order, next_gen_++};
   // Pages that were reported must read as the free value before we write
   // them (the host dropped their backing, or kept poison_val): DESIGN 3.6.
+  if (!check_reported_) {
+    checker_.forget_reported(h.frame, h.order);
+    checker_.fill(h.frame, h.order, h.gen);
+    return h;
+  }
   auto [checked, bad] = checker_.check_allocated(h.frame, h.order);
   if (checked) counters_.reported_bytes_checked += checked;
   if (bad) {
@@ -243,6 +303,7 @@ std::vector<Held> Workload::alloc_bytes(uint64_t bytes) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
         continue;
       }
+      counters_.alloc_shortfall_bytes += left * kFrameSize;
       if (!warned_oom_)
         log::warn("workload", "guest memory exhausted: allocated {} of {} MiB",
                   (bytes - left * kFrameSize) >> 20, bytes >> 20);
@@ -318,7 +379,65 @@ void Workload::run(const WorkloadSpec& spec, const std::atomic<bool>& stop) {
     case WorkloadSpec::Kind::Churn:
       churn(spec, stop);
       return;
+    case WorkloadSpec::Kind::Trace:
+      if (spec.trace) replay(*spec.trace, stop);
+      return;
   }
+}
+
+void Workload::replay(const Trace& trace, const std::atomic<bool>& stop) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  std::map<std::string, std::vector<Held>> held;  // per tag, in allocation order
+  std::map<std::string, uint64_t> held_bytes;     // per tag, as the trace counts them
+  uint64_t freed_total = 0;
+  for (const auto& op : trace.ops) {
+    const auto at = start + std::chrono::milliseconds(op.time_ms);
+    while (!stop.load() && Clock::now() < at)
+      std::this_thread::sleep_for(std::min<Clock::duration>(at - Clock::now(),
+                                                            std::chrono::milliseconds(20)));
+    if (stop.load()) break;
+    auto& blocks = held[op.tag];
+    const auto t0 = Clock::now();
+    const uint64_t flt0 = minor_faults();
+    auto report = [&](uint64_t bytes) {
+      if (!hooks_.on_trace_op) return;
+      const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0);
+      hooks_.on_trace_op(op, bytes, static_cast<uint64_t>(us.count()), minor_faults() - flt0);
+    };
+    if (op.op == TraceOp::Kind::Alloc) {
+      auto got = alloc_bytes(op.bytes);
+      uint64_t bytes = 0;
+      for (const auto& h : got) bytes += h.bytes();
+      blocks.insert(blocks.end(), got.begin(), got.end());
+      held_bytes[op.tag] += op.bytes;
+      report(bytes);
+      continue;
+    }
+    // Free: newest blocks of the tag first, whole blocks, until `bytes`
+    // are freed (the last block may overshoot by less than one block).
+    uint64_t want = op.all ? UINT64_MAX : op.bytes;
+    uint64_t freed = 0;
+    while (freed < want && !blocks.empty()) {
+      const Held h = blocks.back();
+      blocks.pop_back();
+      free_block(h);
+      freed += h.bytes();
+    }
+    freed_total += freed;
+    report(freed);
+    held_bytes[op.tag] -= std::min(held_bytes[op.tag], op.all ? held_bytes[op.tag] : op.bytes);
+    log::debug("workload", "trace line {}: freed {} KiB of '{}'", op.line, freed >> 10, op.tag);
+  }
+  // End of the trace (or stop): what is still held is verified and freed.
+  uint64_t rest = 0;
+  for (auto& [tag, blocks] : held) {
+    for (const auto& h : blocks) rest += h.bytes();
+    free_all(blocks);
+  }
+  log::info("workload", "trace {}: {} operations replayed, freed {} MiB during the trace and {} MiB "
+            "left at its end", trace.name, trace.ops.size(), freed_total >> 20, rest >> 20);
+  if (hooks_.on_freed) hooks_.on_freed(freed_total + rest);
 }
 
 void Workload::churn(const WorkloadSpec& spec, const std::atomic<bool>& stop) {

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "fph/common/expected.h"
+#include "fph/guest/local_reporter.h"
 #include "fph/guest/workload.h"
 
 namespace fph::guest {
@@ -24,8 +25,11 @@ inline constexpr int kExitConnectionLost = 2;
 inline constexpr int kExitCorruption = 3;
 
 struct Config {
-  std::string connect_path;  // exactly one of connect_path / listen_path
+  std::string connect_path;  // exactly one of connect_path / listen_path / local_reclaim
   std::string listen_path;
+  // Local mode: private anonymous RAM, reclaim engine in-process
+  // (LocalReporter) instead of a vhost-user connection.
+  std::optional<LocalMethod> local_reclaim;
   std::string name;          // default "fph-guest-<pid>"
   std::chrono::milliseconds connect_timeout{30000};
 
@@ -50,7 +54,8 @@ struct Config {
   std::optional<std::chrono::milliseconds> duration;
   bool exit_when_reported = false;
   bool reconnect = false;
-  bool require_discard = false;  // reported pages not reading as free value -> exit 3
+  bool require_discard = false;
+  bool check_reported = true;    // false: --no-check-reported (timing runs)  // reported pages not reading as free value -> exit 3
   uint64_t seed = 1;
 };
 

@@ -33,6 +33,9 @@ struct GuestMemoryOptions {
   std::optional<int> numa_node;      // mbind(MPOL_BIND) each region to this host node
   uint64_t mmap_offset = 0;          // region starts this far into its memfd
   std::vector<uint16_t> ring_sizes;  // one ring slot per queue index
+  // Local mode (--local-reclaim): MAP_PRIVATE|MAP_ANONYMOUS instead of memfd
+  // regions; no fd, nothing to share with a back end (DESIGN 4, last row).
+  bool private_anon = false;
 };
 
 struct RingArea {
@@ -77,8 +80,11 @@ class GuestMemory final : public proto::vq::GuestMemory {
   const RingArea& ring(size_t q) const { return rings_.at(q); }
   size_t ring_count() const { return rings_.size(); }
   bool hugetlb() const { return hugetlb_; }
+  bool private_anon() const { return private_anon_; }
   // Bytes of memfd backing the kernel holds (st_blocks * 512, all regions):
-  // what "resident" means for shared guest memory (DESIGN 4).
+  // what "resident" means for shared guest memory (DESIGN 4). For private
+  // anonymous RAM: resident pages according to mincore(2) (MADV_FREE pages
+  // count until the kernel actually reclaims them).
   uint64_t backing_bytes() const;
 
  private:
@@ -88,6 +94,7 @@ class GuestMemory final : public proto::vq::GuestMemory {
   uint64_t region_size_ = 0;
   uint64_t reserved_frames_ = 0;
   bool hugetlb_ = false;
+  bool private_anon_ = false;
   std::vector<MemRegion> regions_;
   std::vector<RingArea> rings_;
 };

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -20,6 +21,7 @@
 #include "fph/common/expected.h"
 #include "fph/guest/buddy.h"
 #include "fph/guest/guest_memory.h"
+#include "fph/guest/trace.h"
 
 namespace fph::guest {
 
@@ -27,14 +29,16 @@ namespace fph::guest {
 Expected<uint64_t, std::string> parse_size(std::string_view s);
 
 struct WorkloadSpec {
-  enum class Kind { None, AllocFree, Churn };
+  enum class Kind { None, AllocFree, Churn, Trace };
   Kind kind = Kind::None;
   uint64_t bytes = 0;
   std::chrono::milliseconds hold{0};    // alloc-free: hold time
   std::chrono::milliseconds duration{0};  // churn: run time
   std::string text;
+  std::shared_ptr<const Trace> trace;  // trace: the parsed file
 };
-// "none", "alloc-free:SIZE[:HOLD_MS]", "churn:SIZE:SECONDS".
+// "none", "alloc-free:SIZE[:HOLD_MS]", "churn:SIZE:SECONDS", "trace:FILE"
+// (the file is read and validated here: trace.h).
 Expected<WorkloadSpec, std::string> parse_workload(std::string_view s);
 
 struct IntegrityCounters {
@@ -43,6 +47,7 @@ struct IntegrityCounters {
   std::atomic<uint64_t> reported_bytes_checked{0};  // reported pages checked on allocation
   std::atomic<uint64_t> resident_checks{0};
   std::atomic<uint64_t> verified_bytes{0};
+  std::atomic<uint64_t> alloc_shortfall_bytes{0};  // asked for but not allocated (guest OOM)
 };
 
 // Pattern writing/verification and tracking of reported (discarded) frames.
@@ -71,6 +76,25 @@ class MemoryChecker {
   // the bytes of previously reported frames that do not read as the free
   // value, and clears their marks. Returns {checked bytes, bad bytes}.
   std::pair<uint64_t, uint64_t> check_allocated(uint64_t frame, int order);
+  // Clears the reported marks of a freshly allocated block without reading
+  // it (--no-check-reported: timing runs where the check's reads would
+  // distort the refault cost being measured).
+  void forget_reported(uint64_t frame, int order);
+
+  // Local mode with MADV_FREE (lazy): after madvise(MADV_FREE) the kernel
+  // may free a page at any time before it is written again, or never (no
+  // memory pressure). A reported page therefore legitimately reads either
+  // as zero (reclaimed) or exactly as it read when it was reported (not
+  // reclaimed yet; reading does not cancel MADV_FREE, only a write does).
+  // In this mode mark_reported() records a hash of every frame and
+  // check_allocated() accepts, per 4 KiB frame, zero or that hash; anything
+  // else is counted as bad. Set before the first report.
+  void set_lazy_free(bool on);
+  bool lazy_free() const { return lazy_; }
+  // Lazy mode: reported frames found zero (the kernel reclaimed them) and
+  // found intact (still resident when reallocated) by check_allocated().
+  uint64_t lazy_zero_frames() const { return lazy_zero_.load(); }
+  uint64_t lazy_kept_frames() const { return lazy_kept_.load(); }
 
  private:
   const GuestMemory& mem_;
@@ -81,6 +105,10 @@ class MemoryChecker {
   // while it is allocated; every hand-over goes through the zone lock
   // (isolate/putback/alloc), which orders the accesses.
   std::vector<uint8_t> reported_;
+  bool lazy_ = false;
+  std::vector<uint64_t> snapshot_;  // lazy mode: hash of each reported frame
+  std::atomic<uint64_t> lazy_zero_{0};
+  std::atomic<uint64_t> lazy_kept_{0};
 };
 
 struct Held {
@@ -93,6 +121,10 @@ struct Held {
 struct WorkloadHooks {
   std::function<void(int order)> notify_free;         // PageReporting::notify_free + wake
   std::function<void(uint64_t bytes)> on_freed;       // a free phase finished
+  // A trace operation was replayed: bytes allocated/freed (whole blocks),
+  // its duration and the minor page faults of the process meanwhile
+  // (getrusage): the refault cost of reallocating reported memory.
+  std::function<void(const TraceOp& op, uint64_t bytes, uint64_t us, uint64_t minflt)> on_trace_op;
 };
 
 class Workload {
@@ -112,11 +144,15 @@ class Workload {
   // Bytes that do not match their pattern (adds to corrupted_bytes).
   uint64_t verify_all(const std::vector<Held>& blocks);
 
+  // false: do not read reported pages on reallocation (timing runs).
+  void set_check_reported(bool on) { check_reported_ = on; }
+
   // Runs `spec` once (returns early on *stop).
   void run(const WorkloadSpec& spec, const std::atomic<bool>& stop);
 
  private:
   void churn(const WorkloadSpec& spec, const std::atomic<bool>& stop);
+  void replay(const Trace& trace, const std::atomic<bool>& stop);
 
   BuddyAllocator& buddy_;
   std::mutex& zone_;
@@ -127,6 +163,7 @@ class Workload {
   uint64_t next_gen_ = 1;
   const std::atomic<bool>* stop_ = nullptr;  // run()'s stop flag: ends allocation stalls
   bool warned_oom_ = false;
+  bool check_reported_ = true;
 };
 
 }  // namespace fph::guest

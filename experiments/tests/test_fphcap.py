@@ -1,0 +1,178 @@
+"""Unit tests of fph-capacity's own logic: fit detection, reclaim latency,
+CSV/summary/gnuplot generation, cgroup file parsing, trace generation.
+Run: python3 -m unittest discover -s experiments/tests -t experiments"""
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fphcap import cgroup, fit, report, runner  # noqa: E402
+
+MIB = 1 << 20
+OK_EVENTS = [{"event": "ready"}, {"event": "workload_done", "alloc_shortfall_bytes": 0},
+             {"event": "summary", "exit_code": 0}]
+
+
+class Classify(unittest.TestCase):
+    def test_stopped_by_us_after_workload_fits(self):
+        self.assertEqual(fit.classify({"returncode": 0, "stopped_by_us": True, "events": OK_EVENTS}),
+                         (True, "fits"))
+
+    def test_sigterm_return_by_us_fits(self):
+        g = {"returncode": -signal.SIGTERM, "stopped_by_us": True, "events": OK_EVENTS}
+        self.assertTrue(fit.classify(g)[0])
+
+    def test_sigkill_with_oom_event_is_oom_killed(self):
+        g = {"returncode": -signal.SIGKILL, "oom_killed": True, "events": OK_EVENTS[:1]}
+        self.assertEqual(fit.classify(g), (False, "oom-killed"))
+
+    def test_sigkill_without_oom_event_is_not_called_oom(self):
+        g = {"returncode": -signal.SIGKILL, "oom_killed": False, "events": OK_EVENTS}
+        self.assertEqual(fit.classify(g), (False, "killed by SIGKILL"))
+
+    def test_allocation_shortfall_does_not_fit(self):
+        ev = [{"event": "ready"}, {"event": "workload_done", "alloc_shortfall_bytes": 3 * MIB}]
+        self.assertEqual(fit.classify({"returncode": 0, "stopped_by_us": True, "events": ev}),
+                         (False, "allocation failed (3 MiB short)"))
+
+    def test_corruption_does_not_fit(self):
+        ev = OK_EVENTS[:2] + [{"event": "summary", "exit_code": 3}]
+        self.assertEqual(fit.classify({"returncode": 3, "stopped_by_us": True, "events": ev}),
+                         (False, "integrity check failed"))
+
+    def test_setup_failure_and_unfinished_workload(self):
+        self.assertFalse(fit.classify({"returncode": 1, "events": []})[0])
+        g = {"returncode": 0, "stopped_by_us": True, "events": [{"event": "ready"}]}
+        self.assertEqual(fit.classify(g), (False, "workload did not finish"))
+
+    def test_count_fit_stops_at_first_failure_whoever_was_killed(self):
+        # guest4's launch made the OOM killer kill guest2: 3 fit.
+        gs = [{"settled_at": 10, "failed_at": None}, {"settled_at": 20, "failed_at": 41},
+              {"settled_at": 30, "failed_at": None}, {"settled_at": None, "failed_at": None}]
+        self.assertEqual(fit.count_fit(gs), 3)
+        self.assertEqual(fit.first_failure_time(gs), 41)
+        self.assertEqual(fit.count_fit([{"settled_at": 1}, {"settled_at": 2}]), 2)
+        self.assertEqual(fit.count_fit([]), 0)
+
+
+class OomAccounting(unittest.TestCase):
+    class Group:
+        def __init__(self, n):
+            self.n = n
+
+        def oom_kills(self):
+            return self.n
+
+    def test_sigkills_are_oom_kills_only_if_the_cgroup_counted_them(self):
+        # The kernel counts the OOM kill before the victim is reaped, so the
+        # counter may already be up when the runner sees the death.
+        self.assertTrue(runner.oom_killed(self.Group(1), 0, 1))
+        self.assertFalse(runner.oom_killed(self.Group(1), 0, 2))  # 2nd SIGKILL was not the OOM killer
+        self.assertFalse(runner.oom_killed(self.Group(3), 3, 1))  # kills before this run do not count
+
+
+class Latency(unittest.TestCase):
+    def test_first_time_resident_dropped_by_90_percent_of_freed(self):
+        s = [(0, 500 * MIB), (1, 500 * MIB), (2, 500 * MIB), (3, 300 * MIB), (4, 60 * MIB), (5, 60 * MIB)]
+        self.assertEqual(fit.reclaim_latency(s, 1.0, 440 * MIB), 3.0)
+
+    def test_never_dropped_is_none(self):
+        s = [(0, 500 * MIB), (1, 500 * MIB), (9, 499 * MIB)]
+        self.assertIsNone(fit.reclaim_latency(s, 1.0, 440 * MIB))
+        self.assertIsNone(fit.reclaim_latency(s, 1.0, 0))
+        self.assertIsNone(fit.reclaim_latency([], 1.0, MIB))
+
+
+class Reports(unittest.TestCase):
+    def test_usage_csv(self):
+        samples = [{"t": 0.0, "cgroup": 100 * MIB, "alive": 1, "rss": {"g1": 50 * MIB}},
+                   {"t": 0.2, "cgroup": 200 * MIB, "alive": 2, "rss": {"g1": 60 * MIB, "g2": 1 * MIB}}]
+        rows = list(csv.reader(io.StringIO(report.usage_csv(samples, ["g1", "g2"]))))
+        self.assertEqual(rows[0], ["t_s", "host_mib", "guests_alive", "g1_mib", "g2_mib"])
+        self.assertEqual(rows[1], ["0.00", "100.0", "1", "50.0", ""])
+        self.assertEqual(rows[2], ["0.20", "200.0", "2", "60.0", "1.0"])
+
+    def test_summary_markdown(self):
+        md = report.summary_markdown([
+            {"mode": "none", "tried": 4, "fit": 3, "first_failure": "guest4 oom-killed",
+             "peak": 6144 * MIB, "steady": 5800 * MIB, "reclaim_latency_s": None, "discard_ms": None},
+            {"mode": "local-dontneed", "tried": 6, "fit": 6, "first_failure": None,
+             "peak": 2100 * MIB, "steady": 700 * MIB, "reclaim_latency_s": 2.4, "discard_ms": 1.234}])
+        lines = md.strip().splitlines()
+        self.assertEqual(len(lines), 4)
+        self.assertIn("| none | 4 | **3** | guest4 oom-killed | 6144 | 5800 | - | - |", md)
+        self.assertIn("| local-dontneed | 6 | **6** | none | 2100 | 700 | 2.40 | 1.23 |", md)
+
+    def test_compare_markdown(self):
+        md = report.compare_markdown([
+            {"method": "MADV_FREE", "usage_after_free": 600 * MIB, "reclaim_s": None,
+             "reuse_ms": 12.5, "reuse_minflt": 3, "pressure_fits": True,
+             "resident_after_pressure": 40 * MIB}])
+        self.assertIn("| MADV_FREE | 600 | never (no pressure) | 12.5 | 3 | yes | 40 |", md)
+
+    def test_gnuplot_script(self):
+        s = report.gnuplot_script([("none", "/o/usage-none.csv"), ("daemon", "/o/usage-daemon.csv")],
+                                  "/o/p.png", 6 << 30, "t")
+        self.assertIn('set output "/o/p.png"', s)
+        self.assertIn('"/o/usage-none.csv" every ::1 using 1:2 with lines lw 2 title "none"', s)
+        self.assertIn("6144.000000 with lines", s)
+
+
+class CgroupFiles(unittest.TestCase):
+    def test_parse_kv_v1_oom_control_and_v2_events(self):
+        self.assertEqual(cgroup.parse_kv("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")["oom_kill"], 2)
+        self.assertEqual(cgroup.parse_kv("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n")["oom_kill"], 1)
+
+    def test_detect_v2_and_v1_layouts(self):
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "cgroup.controllers"), "w") as f:
+                f.write("cpu io memory pids\n")
+            self.assertEqual(cgroup.detect(d), ("v2", d))
+        with tempfile.TemporaryDirectory() as d:
+            os.mkdir(os.path.join(d, "memory"))
+            open(os.path.join(d, "memory", "memory.limit_in_bytes"), "w").close()
+            self.assertEqual(cgroup.detect(d), ("v1", os.path.join(d, "memory")))
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaises(RuntimeError):
+                cgroup.detect(d)
+
+
+class Modes(unittest.TestCase):
+    def test_mode_args(self):
+        self.assertEqual(runner.mode_args("none"), ["--local-reclaim", "dontneed", "--no-reporting"])
+        self.assertEqual(runner.mode_args("daemon", "/s"), ["--connect", "/s"])
+        self.assertEqual(runner.mode_args("local-free"), ["--local-reclaim", "free"])
+        with self.assertRaises(ValueError):
+            runner.mode_args("daemon")
+        with self.assertRaises(ValueError):
+            runner.mode_args("bogus")
+
+    def test_parse_size_and_trace_text(self):
+        self.assertEqual(runner.parse_size("2G"), 2 << 30)
+        self.assertEqual(runner.parse_size("640M"), 640 << 20)
+        self.assertEqual(runner.trace_text([(0, "alloc", "8M", "a")]), "time_ms,op,size,tag\n0,alloc,8M,a\n")
+
+    def test_stable(self):
+        self.assertTrue(runner._stable([(0, 10), (3, 12), (6, 11)], 5, 4))
+        self.assertFalse(runner._stable([(0, 10), (3, 12)], 5, 4))
+        self.assertFalse(runner._stable([(0, 10), (3, 100), (6, 11)], 5, 4))
+
+
+class Traces(unittest.TestCase):
+    def test_shipped_traces_are_what_the_script_generates(self):
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with tempfile.TemporaryDirectory() as d:
+            subprocess.run([sys.executable, os.path.join(here, "make_traces.py"), "--out", d],
+                           check=True, stdout=subprocess.DEVNULL)
+            for name in sorted(os.listdir(d)):
+                with open(os.path.join(d, name)) as a, open(os.path.join(here, "traces", name)) as b:
+                    self.assertEqual(a.read(), b.read(), name + " is stale: run make_traces.py")
+
+
+if __name__ == "__main__":
+    unittest.main()
