@@ -53,11 +53,14 @@ def main():
         check(not bad, "%s: no integrity failure among the guests that fit" % m)
     for m in ("daemon", "local-dontneed"):
         r = res[m]
-        # Steady usage per guest that fits (the modes may fit different numbers of guests).
+        # Steady usage per guest that fits, against what each guest wrote and
+        # freed (224 MiB). Not against the "none" run's steady usage: that is
+        # measured after its first failure, and the OOM killer may pick any
+        # guest (all of them die with the cgroup at its limit), so it can be 0.
         per = r["steady"] / max(r["fit"], 1)
-        per_none = none["steady"] / max(none["fit"], 1)
-        check(per < per_none, "%s: steady host usage per guest %d MiB < %d MiB without reporting"
-              % (m, per // (1 << 20), per_none // (1 << 20)))
+        check(r["fit"] > 0 and per < (224 << 20) / 2,
+              "%s: steady host usage per guest %d MiB < half of the 224 MiB each freed"
+              % (m, per // (1 << 20)))
     check(max(res[m]["fit"] for m in ("daemon", "local-dontneed")) > none["fit"] or
           all(res[m]["steady"] < none["steady"] for m in ("daemon", "local-dontneed")),
           "with reporting more guests fit or host usage drops")
