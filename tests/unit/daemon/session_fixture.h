@@ -1,7 +1,7 @@
 // A Session served over a real socketpair to a minimal in-test front end,
 // with the real node pipelines, the verifying discarder (real syscalls on a
 // memfd, st_blocks measured) and a sampler driven by the test. Used by the
-// observability tests; same protocol steps as test_session.cpp's front end.
+// session and observability tests.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -32,6 +32,7 @@ namespace balloon = proto::balloon;
 inline constexpr uint64_t MiB = 1 << 20;
 inline constexpr uint64_t kRam = 64 * MiB;
 inline constexpr uint64_t kUaddr = 0x7e0000000000;
+inline constexpr uint64_t kRingGpa = 0;  // desc, avail, used at 0, 4 KiB, 8 KiB of guest RAM
 inline constexpr uint64_t kFeatures =
     balloon::kFVersion1 | balloon::kFReporting | vu::feature::kProtocolFeatures;
 
@@ -154,19 +155,27 @@ struct FrontEnd {
     ASSERT_EQ(acked(vu::Request::SetStatus, vu::encode_u64(15)), 0u);
   }
 
-  // Posts one reporting chain and waits for it to come back (no time bound:
-  // the test binary's timeout turns a hang into a failure).
-  void report(std::vector<vq::Buffer> bufs) {
+  // Posts one reporting chain and kicks.
+  void post(std::vector<vq::Buffer> bufs) {
     ASSERT_TRUE(ring.add_chain(bufs).has_value());
     uint64_t one = 1;
     ASSERT_EQ(write(kick.get(), &one, 8), 8);
+  }
+  // Waits for the next used element (no time bound: the test binary's
+  // timeout turns a hang into a failure).
+  vq::UsedElem wait_used() {
     for (;;) {
-      if (ring.pop_used()) return;
+      if (auto u = ring.pop_used()) return *u;
       pollfd p{call.get(), POLLIN, 0};
       poll(&p, 1, 1000);
       uint64_t v;
       if (p.revents & POLLIN) (void)!read(call.get(), &v, 8);
     }
+  }
+  // Posts one reporting chain and waits for it to come back.
+  void report(std::vector<vq::Buffer> bufs) {
+    post(std::move(bufs));
+    wait_used();
   }
 };
 

@@ -13,6 +13,7 @@
 
 #include "fph/daemon/session.h"
 #include "fph/proto/channel.h"
+#include "session_fixture.h"
 
 using namespace fph;
 using namespace fph::daemon;
@@ -22,138 +23,7 @@ namespace balloon = proto::balloon;
 
 namespace {
 
-constexpr uint64_t MiB = 1 << 20;
-constexpr uint64_t kRam = 64 * MiB;
-constexpr uint64_t kRingGpa = 0;  // rings live in the first MiB of guest RAM
-constexpr uint64_t kUaddr = 0x7e0000000000;
-
-int64_t blocks_bytes(int fd) {
-  struct stat st {};
-  fstat(fd, &st);
-  return static_cast<int64_t>(st.st_blocks) * 512;
-}
-
-// The daemon side: topology, pipelines and metrics, one session thread.
-struct Daemon {
-  reclaim::Topology topo = reclaim::Topology::from_system();
-  reclaim::SyscallDiscarder discarder;
-  reclaim::PolicyTable policy{topo.node_count()};
-  reclaim::SysfsNodeMemoryProbe probe;
-  Metrics metrics{"", topo.node_count()};  // outlives the pipelines, as in fphd's main
-  reclaim::NodePipelines pipelines{topo, discarder, policy, probe};
-  DaemonContext ctx{topo, pipelines, metrics};
-  std::shared_ptr<Session> session;
-  std::thread thread;
-
-  explicit Daemon(UniqueFd sock) {
-    session = std::make_shared<Session>(ctx, std::move(sock), "unit-vm");
-    thread = std::thread([this] { session->run(); });
-  }
-  ~Daemon() {
-    session->request_stop();
-    if (thread.joinable()) thread.join();
-  }
-};
-
-// Minimal front end speaking the protocol with proto's encoders.
-struct FrontEnd {
-  UniqueFd sock;
-  UniqueFd ram;
-  uint8_t* mem = nullptr;
-  UniqueFd kick{eventfd(0, EFD_CLOEXEC)};
-  UniqueFd call{eventfd(0, EFD_CLOEXEC)};
-  vq::DriverRing ring;
-  uint32_t reporting_index = 0;
-
-  explicit FrontEnd(UniqueFd s) : sock(std::move(s)) {
-    ram.reset(memfd_create("unit-guest", MFD_CLOEXEC));
-    EXPECT_EQ(ftruncate(ram.get(), kRam), 0);
-    mem = static_cast<uint8_t*>(mmap(nullptr, kRam, PROT_READ | PROT_WRITE, MAP_SHARED, ram.get(), 0));
-  }
-  ~FrontEnd() { munmap(mem, kRam); }
-
-  bool send(vu::Request r, std::span<const uint8_t> payload, std::vector<int> fds = {},
-            bool need_reply = false) {
-    vu::Header h{static_cast<uint32_t>(r), vu::kVersion | (need_reply ? vu::kFlagNeedReply : 0u),
-                 static_cast<uint32_t>(payload.size())};
-    return vu::send_message(sock.get(), h, payload, fds).has_value();
-  }
-  std::optional<vu::Message> recv() {
-    auto m = vu::recv_message(sock.get());
-    if (!m) return std::nullopt;
-    return std::move(*m);
-  }
-  // Sends with NEED_REPLY and returns the REPLY_ACK status (0 = ok).
-  uint64_t acked(vu::Request r, std::span<const uint8_t> payload, std::vector<int> fds = {}) {
-    EXPECT_TRUE(send(r, payload, fds, true));
-    auto m = recv();
-    EXPECT_TRUE(m.has_value());
-    if (!m) return ~0ull;
-    EXPECT_EQ(m->header.request, static_cast<uint32_t>(r));
-    auto v = vu::parse_u64(m->payload, "ack");
-    return v ? *v : ~0ull;
-  }
-  uint64_t get_u64(vu::Request r) {
-    EXPECT_TRUE(send(r, {}));
-    auto m = recv();
-    auto v = m ? vu::parse_u64(m->payload, "reply") : vu::parse_u64({}, "reply");
-    return v ? *v : ~0ull;
-  }
-
-  void handshake(uint64_t features) {
-    const uint64_t offered = get_u64(vu::Request::GetFeatures);
-    ASSERT_EQ(offered & features, features);
-    ASSERT_TRUE(send(vu::Request::SetFeatures, vu::encode_u64(features)));
-    const uint64_t pf = get_u64(vu::Request::GetProtocolFeatures);
-    ASSERT_TRUE(send(vu::Request::SetProtocolFeatures, vu::encode_u64(pf)));
-    ASSERT_EQ(acked(vu::Request::SetOwner, {}), 0u);
-    vu::MemoryRegion r{0, kRam, kUaddr, 0};
-    ASSERT_EQ(acked(vu::Request::AddMemReg, vu::encode_single_region(r), {ram.get()}), 0u);
-    auto layout = balloon::queue_layout(features);
-    reporting_index = static_cast<uint32_t>(layout.reporting);
-    const uint16_t num = 32;
-    // desc at 0, avail at 4 KiB, used at 8 KiB of guest RAM.
-    ring = vq::DriverRing(num, mem + kRingGpa, mem + kRingGpa + 4096, mem + kRingGpa + 8192);
-    ASSERT_EQ(acked(vu::Request::SetVringNum, vu::encode_vring_state({reporting_index, num})), 0u);
-    ASSERT_EQ(acked(vu::Request::SetVringBase, vu::encode_vring_state({reporting_index, 0})), 0u);
-    vu::VringAddr a{reporting_index, 0, kUaddr + kRingGpa, kUaddr + kRingGpa + 8192,
-                    kUaddr + kRingGpa + 4096, 0};
-    ASSERT_EQ(acked(vu::Request::SetVringAddr, vu::encode_vring_addr(a)), 0u);
-    ASSERT_EQ(acked(vu::Request::SetVringKick, vu::encode_u64(reporting_index), {kick.get()}), 0u);
-    ASSERT_EQ(acked(vu::Request::SetVringCall, vu::encode_u64(reporting_index), {call.get()}), 0u);
-    ASSERT_EQ(acked(vu::Request::SetVringEnable, vu::encode_vring_state({reporting_index, 1})), 0u);
-    ASSERT_EQ(acked(vu::Request::SetStatus, vu::encode_u64(15)), 0u);
-  }
-
-  void post(std::vector<vq::Buffer> bufs) {
-    ASSERT_TRUE(ring.add_chain(bufs).has_value());
-    uint64_t one = 1;
-    ASSERT_EQ(write(kick.get(), &one, 8), 8);
-  }
-  // Waits (no time bound: the test binary's own timeout catches a hang)
-  // for the next used element.
-  vq::UsedElem wait_used() {
-    for (;;) {
-      if (auto u = ring.pop_used()) return *u;
-      pollfd p{call.get(), POLLIN, 0};
-      poll(&p, 1, 1000);
-      uint64_t v;
-      if (p.revents & POLLIN) (void)!read(call.get(), &v, 8);
-    }
-  }
-};
-
-struct Pair {
-  UniqueFd a, b;
-  Pair() {
-    int sv[2];
-    EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-    a.reset(sv[0]);
-    b.reset(sv[1]);
-  }
-};
-
-constexpr uint64_t kFeatures = balloon::kFVersion1 | balloon::kFReporting | vu::feature::kProtocolFeatures;
+using namespace fph::testing_support;
 
 void fill(uint8_t* p, uint64_t len, uint8_t v) { std::memset(p, v, len); }
 
