@@ -101,7 +101,7 @@ done
 echo "host got back $(mib $total_back) MiB of $(mib $total_freed) MiB freed by the guests (measured: memfd st_blocks)"
 echo
 echo "metrics: $URL"
-curl -s "$URL" | grep -E '^fphd_(discarded_bytes_total|reported_bytes_total|requests_total\{.*outcome="discarded"|sessions )' || true
+curl -s "$URL" | grep -E '^fphd_(discarded_bytes_total|reclaimed_bytes_total|reported_bytes_total|requests_total\{.*outcome="discarded"|sessions )' || true
 
 for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 bad=0
