@@ -155,6 +155,13 @@ struct FrontEnd {
     ASSERT_EQ(acked(vu::Request::SetStatus, vu::encode_u64(15)), 0u);
   }
 
+  // Negotiated PAGE_POISON: the driver writes poison_val 0xaaaaaaaa (what
+  // Linux page poisoning uses) before DRIVER_OK.
+  void set_poison_aa() {
+    vu::ConfigPayload c{balloon::kOffPoisonVal, 4, 0, {0xaa, 0xaa, 0xaa, 0xaa}};
+    ASSERT_EQ(acked(vu::Request::SetConfig, vu::encode_config(c)), 0u);
+  }
+
   // Posts one reporting chain and kicks.
   void post(std::vector<vq::Buffer> bufs) {
     ASSERT_TRUE(ring.add_chain(bufs).has_value());

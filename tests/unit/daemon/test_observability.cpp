@@ -239,8 +239,7 @@ TEST(Observability, PoisonSkipsWithReasonPoisonedAndDisablesReclaim) {
   Daemon d(std::move(sp.a));
   FrontEnd fe(std::move(sp.b));
   fe.handshake(kFeatures | balloon::kFPagePoison);
-  vu::ConfigPayload c{balloon::kOffPoisonVal, 4, 0, {0xaa, 0xaa, 0xaa, 0xaa}};
-  ASSERT_EQ(fe.acked(vu::Request::SetConfig, vu::encode_config(c)), 0u);
+  fe.set_poison_aa();
   fill(fe.mem + 32 * MiB, 2 * MiB, 0xaa);
   fe.report({{32 * MiB, static_cast<uint32_t>(2 * MiB), true}});
   EXPECT_EQ(d.value("fphd_skipped_bytes_total", vm("reason", "poisoned")), 2.0 * MiB);

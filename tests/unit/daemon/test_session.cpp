@@ -61,8 +61,7 @@ TEST(Session, PoisonValueMeansNothingIsDiscardedButTheChainReturns) {
   Daemon d(std::move(sp.a));
   FrontEnd fe(std::move(sp.b));
   fe.handshake(kFeatures | balloon::kFPagePoison);
-  vu::ConfigPayload c{balloon::kOffPoisonVal, 4, 0, {0xaa, 0xaa, 0xaa, 0xaa}};
-  ASSERT_EQ(fe.acked(vu::Request::SetConfig, vu::encode_config(c)), 0u);
+  fe.set_poison_aa();
   fill(fe.mem + 32 * MiB, 4 * MiB, 0xaa);
   const int64_t before = blocks_bytes(fe.ram.get());
   fe.post({{32 * MiB, 4 * MiB, true}});
