@@ -4,10 +4,13 @@
 #include <numaif.h>
 #include <sys/mman.h>
 #include <sys/statfs.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <string>
 
 #include "fph/common/checked.h"
 
@@ -71,6 +74,10 @@ Expected<std::shared_ptr<MappedRegion>, std::string> map_region(const proto::vu:
   region->map_base = static_cast<uint8_t*>(p);
   region->map_len = map_len;
   region->fd = std::move(fd);
+  if (region->backing == reclaim::Backing::Shmem) {
+    const std::string self = "/proc/self/fd/" + std::to_string(region->fd.get());
+    region->seek_fd = UniqueFd(::open(self.c_str(), O_RDONLY | O_CLOEXEC));
+  }
   region->node = bound_node(region->host_base(), topo);
   return region;
 }

@@ -179,7 +179,10 @@ void account_verified(PendingRequest& req, int node, const reclaim::RangeResult&
   if (o.freed_bytes > 0) vm.reclaimed(node, static_cast<uint64_t>(o.freed_bytes));
   else if (o.freed_bytes == 0) vm.freed_nothing(node);
   const auto& t = rr.target;
-  if (!t.addr) return;
+  // Only what really freed memory can refault: a discard of never-populated
+  // pages (a guest reporting its untouched RAM at boot) freed nothing, and
+  // the guest's first touch of it is not a cost fph caused.
+  if (!t.addr || o.freed_bytes == 0) return;
   // What the syscall covered: hugetlb ranges are rounded inward to whole pages.
   uint64_t skip = 0;
   uint64_t len = t.length;

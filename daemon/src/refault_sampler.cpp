@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <limits>
 #include <vector>
 
 namespace fph::daemon {
@@ -26,9 +28,24 @@ int64_t resident_bytes(const uint8_t* addr, uint64_t len) {
   return resident;
 }
 
+int64_t range_resident_bytes(const MappedRegion& region, const uint8_t* addr, uint64_t len) {
+  if (addr < region.map_base || len > region.map_len ||
+      static_cast<uint64_t>(addr - region.map_base) > region.map_len - len)
+    return -1;
+  const uint64_t offset = static_cast<uint64_t>(addr - region.map_base);
+  if (offset > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) return -1;
+  const off_t d = ::lseek(region.seek_fd.get(), static_cast<off_t>(offset), SEEK_DATA);
+  if (d < 0) return errno == ENXIO ? 0 : -1;  // ENXIO: no data from offset to the end of the file
+  const uint64_t first = static_cast<uint64_t>(d) & ~(kPage - 1);
+  if (first >= offset + len) return 0;
+  return resident_bytes(addr + (first - offset), offset + len - first);
+}
+
 void RefaultTracker::discarded(const std::shared_ptr<MappedRegion>& region, uint8_t* addr,
                                uint64_t len, Clock::time_point now) {
-  if (!region || len == 0 || reinterpret_cast<uintptr_t>(addr) % kPage != 0 || len % kPage != 0)
+  if (!region || !region->seek_fd || len == 0 || reinterpret_cast<uintptr_t>(addr) % kPage != 0 ||
+      len % kPage != 0 || addr < region->map_base || len > region->map_len ||
+      static_cast<uint64_t>(addr - region->map_base) > region->map_len - len)
     return;
   std::lock_guard lk(mu_);
   // A range discarded again supersedes older entries that overlap it.
@@ -53,7 +70,7 @@ void RefaultTracker::evict_locked() {
 }
 
 uint64_t RefaultTracker::sample(Clock::time_point now) {
-  // Snapshot under the lock, mincore without it: discards never wait for a sample.
+  // Snapshot under the lock, read the files without it: discards never wait for a sample.
   std::vector<Entry> snap;
   {
     std::lock_guard lk(mu_);
@@ -70,8 +87,8 @@ uint64_t RefaultTracker::sample(Clock::time_point now) {
   std::vector<Seen> seen;
   seen.reserve(snap.size());
   for (const auto& e : snap) {
-    auto region = e.region.lock();  // keeps the mapping alive while mincore runs
-    seen.push_back({e.id, region ? resident_bytes(e.addr, e.len) : -1});
+    auto region = e.region.lock();  // keeps the file open while it is read
+    seen.push_back({e.id, region ? range_resident_bytes(*region, e.addr, e.len) : -1});
   }
   uint64_t added = 0;
   std::lock_guard lk(mu_);
@@ -88,6 +105,10 @@ uint64_t RefaultTracker::sample(Clock::time_point now) {
     if (r > it->counted) {
       added += r - it->counted;
       it->counted = r;
+    }
+    if (it->counted >= it->len) {  // all of it is back: nothing more to count
+      bytes_ -= it->len;
+      ring_.erase(it);
     }
   }
   return added;

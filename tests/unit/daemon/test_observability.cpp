@@ -121,11 +121,14 @@ TEST(VerifyingDiscarder, MeasuresWhatTheKernelFreed) {
 TEST(RefaultTracker, CountsPagesResidentAgainOnceAndForgetsOldRanges) {
   UniqueFd fd(memfd_create("refault", MFD_CLOEXEC));
   ASSERT_EQ(ftruncate(fd.get(), 16 * MiB), 0);
-  auto region = std::make_shared<MappedRegion>();
-  region->map_len = 16 * MiB;
-  region->map_base = static_cast<uint8_t*>(
-      mmap(nullptr, 16 * MiB, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0));
-  ASSERT_NE(region->map_base, MAP_FAILED);
+  proto::vu::MemoryRegion desc{};
+  desc.guest_phys_addr = 0;
+  desc.memory_size = 16 * MiB;
+  UniqueFd dup_fd(::dup(fd.get()));
+  auto mapped = map_region(desc, std::move(dup_fd), reclaim::Topology::from_system());
+  ASSERT_TRUE(mapped) << mapped.error();
+  auto region = std::move(*mapped);
+  ASSERT_TRUE(region->seek_fd);  // the sampler's own file description
   uint8_t* base = region->map_base;
   fill(base, 8 * MiB, 1);
   ASSERT_EQ(fallocate(fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 8 * MiB), 0);
@@ -143,7 +146,9 @@ TEST(RefaultTracker, CountsPagesResidentAgainOnceAndForgetsOldRanges) {
   fill(base, MiB, 2);
   volatile uint8_t r = base[4 * MiB];
   (void)r;
+  ASSERT_EQ(lseek(fd.get(), 12345, SEEK_SET), 12345);  // the front end's file position
   EXPECT_EQ(t.sample(t0 + std::chrono::seconds(1)), MiB + 4096);
+  EXPECT_EQ(lseek(fd.get(), 0, SEEK_CUR), 12345);  // the sampler seeks on its own description
   EXPECT_EQ(t.sample(t0 + std::chrono::seconds(2)), 0u);  // counted once
   // Discarded again: the new entry replaces the old one (no double count).
   ASSERT_EQ(fallocate(fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4 * MiB), 0);
@@ -155,6 +160,12 @@ TEST(RefaultTracker, CountsPagesResidentAgainOnceAndForgetsOldRanges) {
   fill(base + 5 * MiB, MiB, 4);
   EXPECT_EQ(t.sample(t0 + std::chrono::seconds(200)), 0u);
   EXPECT_EQ(t.tracked_ranges(), 0u);
+  // A range wholly back is counted and forgotten: it cannot refault again.
+  RefaultTracker c(o);
+  c.discarded(region, base + 12 * MiB, MiB, t0);
+  fill(base + 12 * MiB, MiB, 5);
+  EXPECT_EQ(c.sample(t0 + std::chrono::seconds(1)), MiB);
+  EXPECT_EQ(c.tracked_ranges(), 0u);
   // Bounded: the oldest ranges go first.
   RefaultTracker::Options small;
   small.max_ranges = 2;
@@ -168,6 +179,30 @@ TEST(RefaultTracker, CountsPagesResidentAgainOnceAndForgetsOldRanges) {
   EXPECT_TRUE(w.expired());
   EXPECT_EQ(b.sample(t0), 0u);
   EXPECT_EQ(b.tracked_ranges(), 0u);
+}
+
+TEST(RefaultTracker, RangeResidentBytesSkipsTheLeadingHoleAndStopsAtTheRangeEnd) {
+  UniqueFd fd(memfd_create("extents", MFD_CLOEXEC));
+  ASSERT_EQ(ftruncate(fd.get(), 8 * MiB), 0);
+  proto::vu::MemoryRegion desc{};
+  desc.memory_size = 8 * MiB;
+  auto mapped = map_region(desc, UniqueFd(::dup(fd.get())), reclaim::Topology::from_system());
+  ASSERT_TRUE(mapped) << mapped.error();
+  const MappedRegion& region = **mapped;
+  uint8_t* p = region.map_base;
+  EXPECT_EQ(range_resident_bytes(region, p, 8 * MiB), 0);  // all hole
+  for (uint64_t off = 0; off < MiB; off += 2 * 4096) p[off] = 1;  // every other page
+  fill(p + 4 * MiB, 4 * MiB, 7);                                  // data to the end of the file
+  EXPECT_EQ(range_resident_bytes(region, p, 8 * MiB), static_cast<int64_t>(MiB / 2 + 4 * MiB));
+  // Ranges cut the data at both ends.
+  EXPECT_EQ(range_resident_bytes(region, p + 4 * MiB + 4096, 8192), 8192);
+  EXPECT_EQ(range_resident_bytes(region, p + 4 * MiB - 4096, 8192), 4096);
+  EXPECT_EQ(range_resident_bytes(region, p + 4096, 4096), 0);
+  EXPECT_EQ(range_resident_bytes(region, p + 2 * MiB, MiB), 0);  // a hole followed by data
+  // Outside the mapping: an error, never a read.
+  EXPECT_EQ(range_resident_bytes(region, p + 8 * MiB, 4096), -1);
+  EXPECT_EQ(range_resident_bytes(region, p - 4096, 8192), -1);
+  EXPECT_EQ(range_resident_bytes(region, p, UINT64_MAX), -1);
 }
 
 // --- sessions: each skip reason and "freed nothing" really happen -----------

@@ -27,6 +27,11 @@ namespace fph::daemon {
 struct MappedRegion {
   proto::vu::MemoryRegion desc;  // as the front end described it
   UniqueFd fd;
+  // fphd's own open file description of the same file (shmem only), for
+  // lseek(SEEK_DATA) by the refault sampler: `fd` shares its file position
+  // with the front end's descriptor, so fphd never seeks on it. Empty when
+  // /proc/self/fd could not reopen the file; refaults then go unmeasured.
+  UniqueFd seek_fd;
   uint8_t* map_base = nullptr;   // mmap(0, mmap_offset + size, ..., fd, 0)
   uint64_t map_len = 0;
   reclaim::Backing backing = reclaim::Backing::Shmem;

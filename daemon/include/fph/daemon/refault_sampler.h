@@ -1,21 +1,30 @@
 // Refault sampling: how much of what fphd discarded came back.
 //
-// A bounded ring per VM remembers the most recently discarded shared-memory
-// ranges (fphd's own mapping of them, the region kept by weak reference).
-// sample() asks the kernel with mincore(2) which of those pages are resident
-// again: on a MAP_SHARED file mapping mincore reports the file's page cache,
-// so a page the guest touched after the discard (read or write: shmem
-// allocates a page on either) shows up even though fphd never touched it.
-// Bytes resident again within `window` of the discard are refaulted; each
-// range's count only grows (its maximum is what has been counted), and a
-// range is forgotten once it is older than the window, evicted by newer
+// A bounded ring per VM remembers the most recently discarded shmem ranges
+// whose discard freed something (the region kept by weak reference).
+// sample() asks the kernel how much of each range holds pages again: a page
+// the guest touched after the discard (read or write: shmem allocates a page
+// on either) is back in the file's page cache, although fphd never touched
+// it. Bytes back within `window` of the discard are refaulted; each range's
+// count only grows (its maximum is what has been counted), and a range is
+// forgotten once it is older than the window, wholly back, evicted by newer
 // discards, or discarded again (the newer entry replaces it, so one refault
 // is never counted twice).
 //
-// Cost: one mincore per tracked range per sample, 1 byte per 4 KiB page,
-// bounded by max_bytes per VM (1 GiB = 256 Ki pages); nothing on the discard
-// path except a short locked push. Sampling is a lower bound: ranges evicted
-// from the ring or refaulted after the window are not seen.
+// How: lseek(SEEK_DATA) on fphd's own file description finds the first page
+// at or after the range's start, skipping empty xarray nodes, so a range that
+// is still a hole (the common case) costs one syscall; from that page on,
+// mincore(2) on fphd's MAP_SHARED mapping reads the page cache page by page,
+// bounded by the range. Neither alone will do: mincore over every tracked
+// page cost a quarter of the discard threads' own CPU in fph-bench, on the
+// same xarray the discards were emptying, and SEEK_HOLE walks to the end of
+// the data extent, which can be the whole guest.
+//
+// hugetlbfs ranges are not tracked: hugetlbfs has no SEEK_DATA (every offset
+// is data) and mincore there reads the caller's page tables, never the
+// guest's. Nothing on the discard path but a short locked push. Sampling is
+// a lower bound: ranges evicted from the ring or refaulted after the window
+// are not seen.
 #pragma once
 
 #include <chrono>
@@ -69,5 +78,8 @@ class RefaultTracker {
 
 // Resident bytes of [addr, addr+len) by mincore, or -1 on error (unmapped).
 int64_t resident_bytes(const uint8_t* addr, uint64_t len);
+// Resident bytes of [addr, addr+len) of `region`'s mapping: lseek(SEEK_DATA)
+// on region.seek_fd to skip the leading hole, then mincore. -1 on error.
+int64_t range_resident_bytes(const MappedRegion& region, const uint8_t* addr, uint64_t len);
 
 }  // namespace fph::daemon
