@@ -113,6 +113,7 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
 
   const auto started = Clock::now();
   std::string reason = "signal";
+  bool announced = false;
   while (!skip_loop) {
     pollfd p[2] = {{e.sigfd, POLLIN, 0}, {driver.done_fd(), POLLIN, 0}};
     const int n = ::poll(p, 2, 50);
@@ -137,7 +138,7 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
       reason = "duration";
       break;
     }
-    if (c.exit_when_reported && workload_done.load()) {
+    if ((c.exit_when_reported || (c.announce_reported && !announced)) && workload_done.load()) {
       bool done = true;
       if (driver.reporting_active()) {
         std::lock_guard lk(e.zone);
@@ -147,9 +148,13 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
                e.buddy.stats().isolated_frames == 0;
       }
       done = done && driver.inflight_requests() == 0;
-      if (done) {
+      if (done && c.exit_when_reported) {
         reason = "reported";
         break;
+      }
+      if (done) {  // --announce-reported: say so once, keep running
+        announced = true;
+        e.events.emit({{"event", "reported"}});
       }
     }
   }

@@ -61,6 +61,9 @@ int main(int argc, char** argv) {
   app.add_option("--duration", duration, "exit after SECONDS (default: run until SIGTERM)");
   app.add_flag("--exit-when-reported", c.exit_when_reported,
                "exit when the workload is done and all free memory is reported");
+  app.add_flag("--announce-reported", c.announce_reported,
+               "print a \"reported\" event when the workload is done and all free memory is "
+               "reported, and keep running");
   app.add_flag("--reconnect", c.reconnect, "reconnect and redo setup if fphd goes away");
   app.add_flag("--mem-table", c.mem_table, "use SET_MEM_TABLE even if ADD_MEM_REG is offered");
   app.add_flag("--require-discard", c.require_discard,

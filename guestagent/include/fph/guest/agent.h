@@ -53,6 +53,10 @@ struct Config {
   int repeat = 1;
   std::optional<std::chrono::milliseconds> duration;
   bool exit_when_reported = false;
+  // Emit {"event":"reported"} once when the workload is done and all free
+  // memory is reported, and keep running (fph-bench: a guest exiting would
+  // take CPU from the other guests' discards still in the window).
+  bool announce_reported = false;
   bool reconnect = false;
   bool require_discard = false;
   bool check_reported = true;    // false: --no-check-reported (timing runs)  // reported pages not reading as free value -> exit 3
