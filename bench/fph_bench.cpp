@@ -14,7 +14,8 @@
 //   1. fphd --listen SOCK --metrics 127.0.0.1:0 --threads-per-node T
 //   2. N x fph-guest --connect SOCK --memory M [--hugetlb]
 //        --workload alloc-free:<90% of M>:HOLD --reporting-delay-ms 0
-//        --announce-reported    (reporting order 9, capacity 32,
+//        --announce-reported --defer-report-events
+//                               (reporting order 9, capacity 32,
 //        max-inflight 1: the Linux defaults)
 //      Each guest writes 90% of its RAM, holds it, verifies it and frees it;
 //      its page reporting then posts the freed max-order blocks, 32 per
@@ -810,6 +811,7 @@ struct E2EResult {
   // (session threads, sampler, metrics server); run-queue wait of the
   // pipeline threads: time they were runnable but another task had the CPU.
   double discard_cpu_s = 0, other_cpu_s = 0, discard_runq_s = 0;
+  double guests_cpu_s = 0, bench_cpu_s = 0;  // the guest processes and this bench, same span
   double steady_tput = 0;   // between 10% and 90% of the bytes back: without ramp-up and tail
   double start_ms = 0;      // t0 until 1% of the bytes were back
   int nodes = 1;
@@ -873,6 +875,7 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
                                   "--workload", "alloc-free:" + size_arg(sc.alloc) + ":" + std::to_string(hold_ms),
                                   "--reporting-delay-ms", "0",
                                   "--announce-reported",
+                                  "--defer-report-events",
                                   "--seed", std::to_string(i + 1),
                                   "--log-level", "warn"};
     if (sc.hugetlb()) argv.push_back("--hugetlb");
@@ -952,6 +955,9 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
   CpuReader cpu(fphd.pid());
   SystemCpuReader syscpu;
   const ThreadCpu threads0 = ThreadCpu::read(fphd.pid());
+  std::vector<ThreadCpu> guest_threads0;
+  for (auto& g : guests) guest_threads0.push_back(ThreadCpu::read(g->pid()));
+  const ThreadCpu bench_threads0 = ThreadCpu::read(getpid());
   const int64_t b0 = total_bytes();
   const double c0 = cpu.read();
   const double sys0 = syscpu.read();
@@ -981,6 +987,11 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
     r.discard_runq_s = dw;
     r.other_cpu_s = orun;
     r.fphd_cpu_s = threads1.tasks.empty() ? cpu.read() - c0 : dr + orun;
+    // Who else ran in the window: the guests (driver and agent threads) and
+    // this bench (its stdout readers wake when a guest prints).
+    for (size_t i = 0; i < guests.size(); ++i)
+      r.guests_cpu_s += ThreadCpu::read(guests[i]->pid()).since(guest_threads0[i], "").first;
+    r.bench_cpu_s = ThreadCpu::read(getpid()).since(bench_threads0, "").first;
   }
   r.system_cpu_s = syscpu.read() - sys0;
   // The kernel's word on what was reclaimed: allocated blocks of the guests'
@@ -1296,6 +1307,8 @@ void bm_e2e(benchmark::State& state, Scenario sc) {
     state.counters["discard_cpu_s"] = r.discard_cpu_s;
     state.counters["other_cpu_s"] = r.other_cpu_s;
     state.counters["discard_runq_s"] = r.discard_runq_s;
+    state.counters["guests_cpu_s"] = r.guests_cpu_s;
+    state.counters["bench_cpu_s"] = r.bench_cpu_s;
     state.counters["fphd_req_ms"] = r.fphd_requests > 0 ? r.fphd_request_s / r.fphd_requests * 1e3 : 0;
     g_e2e[sc.key()].push_back(std::move(r));
   }

@@ -22,12 +22,26 @@ namespace fph::guest {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-void EventSink::emit(const json& j) {
-  const std::string line = j.dump();
+void EventSink::emit(const json& j, bool deferrable) {
+  std::string line = j.dump();
+  line += '\n';
   std::lock_guard lk(mu_);
-  std::fwrite(line.data(), 1, line.size(), out_);
-  std::fputc('\n', out_);
+  if (defer_ && deferrable) {
+    held_ += line;
+    return;
+  }
+  held_ += line;
+  std::fwrite(held_.data(), 1, held_.size(), out_);
   std::fflush(out_);
+  held_.clear();
+}
+
+void EventSink::flush() {
+  std::lock_guard lk(mu_);
+  if (held_.empty()) return;
+  std::fwrite(held_.data(), 1, held_.size(), out_);
+  std::fflush(out_);
+  held_.clear();
 }
 
 Expected<void, std::string> validate(Config& c) {
@@ -296,7 +310,7 @@ int run(const Config& c, EventSink& events) {
       ev["posted_ns"] = std::chrono::duration_cast<std::chrono::nanoseconds>(
                             r.posted.time_since_epoch()).count();
     }
-    events.emit(ev);
+    events.emit(ev, /*deferrable=*/true);
     // A discard wave just finished: the resident set must be untouched
     // (DESIGN 3: nothing outside a reported range is ever discarded).
     if (!resident.empty()) {

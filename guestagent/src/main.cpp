@@ -61,6 +61,8 @@ int main(int argc, char** argv) {
   app.add_option("--duration", duration, "exit after SECONDS (default: run until SIGTERM)");
   app.add_flag("--exit-when-reported", c.exit_when_reported,
                "exit when the workload is done and all free memory is reported");
+  app.add_flag("--defer-report-events", c.defer_report_events,
+               "print report_done events with the next other event, not one write per request");
   app.add_flag("--announce-reported", c.announce_reported,
                "print a \"reported\" event when the workload is done and all free memory is "
                "reported, and keep running");
@@ -122,5 +124,6 @@ int main(int argc, char** argv) {
   if (auto v = validate(c); !v) return fail(v.error());
 
   EventSink events(stdout);
+  events.set_deferring(c.defer_report_events);
   return run(c, events);
 }

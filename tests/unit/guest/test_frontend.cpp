@@ -1089,6 +1089,55 @@ TEST(Agent, RunsCleanAgainstAGoodBackEnd) {
   EXPECT_EQ((*sum)["exit_code"], 0);
 }
 
+// fph-bench's mode: say once that everything is reported, keep running
+// (here until --duration), and print report_done events in one go with it.
+TEST(Agent, AnnouncesReportedOnceAndKeepsRunning) {
+  Config c = agent_config();
+  c.exit_when_reported = false;
+  c.announce_reported = true;
+  c.defer_report_events = true;
+  c.duration = 8s;  // how long it runs, not a bound on anything
+  AgentRun r = run_agent(c, {});
+  EXPECT_EQ(r.rc, kExitOk);
+  size_t reported_at = 0, reported = 0, last_done = 0, done = 0;
+  for (size_t i = 0; i < r.events.size(); ++i) {
+    const std::string ev = r.events[i].value("event", "");
+    if (ev == "reported") reported_at = i, ++reported;
+    if (ev == "report_done") last_done = i, ++done;
+  }
+  EXPECT_EQ(reported, 1u);
+  EXPECT_GT(done, 0u);
+  EXPECT_LT(last_done, reported_at);  // every chain came back before the announcement
+  ASSERT_NE(r.find("summary"), nullptr);
+  EXPECT_EQ((*r.find("summary"))["reason"], "duration");
+  EXPECT_EQ((*r.find("summary"))["corrupted_bytes"], 0);
+}
+
+TEST(EventSink, DefersReportEventsUntilTheNextOtherEventInOrder) {
+  std::FILE* out = std::tmpfile();
+  auto lines = [&] {
+    std::fflush(out);
+    std::vector<std::string> v;
+    std::rewind(out);
+    char buf[256];
+    while (std::fgets(buf, sizeof buf, out)) v.push_back(nlohmann::json::parse(buf).value("event", ""));
+    std::fseek(out, 0, SEEK_END);
+    return v;
+  };
+  {
+    EventSink sink(out);
+    sink.set_deferring(true);
+    sink.emit({{"event", "a"}}, /*deferrable=*/true);
+    sink.emit({{"event", "b"}}, /*deferrable=*/true);
+    EXPECT_TRUE(lines().empty());  // held
+    sink.emit({{"event", "c"}});
+    EXPECT_EQ(lines(), (std::vector<std::string>{"a", "b", "c"}));
+    sink.emit({{"event", "d"}}, /*deferrable=*/true);
+  }  // destruction prints what is held
+  EXPECT_EQ(lines(), (std::vector<std::string>{"a", "b", "c", "d"}));
+  std::fclose(out);
+}
+
 TEST(Agent, DetectsABackEndThatDiscardsResidentMemory) {
   // The resident set starts at the first 4 MiB block without rings (GPA
   // 4 MiB); a back end that also punches there corrupts the guest.
