@@ -1,5 +1,6 @@
 #include "fph/daemon/server.h"
 
+#include <pthread.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -150,6 +151,8 @@ void Server::run_session(UniqueFd sock, std::string base_name) {
     const std::string name = unique_name(base_name);
     s = std::make_shared<Session>(ctx_, std::move(sock), name);
     sessions_[name] = s;
+    // "vm:NAME" in top -H and perf (the kernel keeps 15 characters).
+    pthread_setname_np(pthread_self(), ("vm:" + name).substr(0, 15).c_str());
   }
   s->run();
   std::lock_guard lk(mu_);

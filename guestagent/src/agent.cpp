@@ -1,5 +1,6 @@
 #include "fph/guest/agent.h"
 
+#include <pthread.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
@@ -116,6 +117,7 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
   driver.start();
 
   std::thread wthread([&] {
+    pthread_setname_np(pthread_self(), "fph-workload");
     for (int i = 0; i < c.repeat && !stop_workload.load(); ++i) e.workload.run(c.workload, stop_workload);
     workload_done.store(true);
     if (c.workload.kind != WorkloadSpec::Kind::None) {
