@@ -83,3 +83,19 @@ write("fuzz_virtqueue", "event_idx_wrap",
       ring(3, 2, [(0x1000, 8, 0, 0), (0x2000, 8, WRITE, 0)], [0, 1, 0], used_event=1, next_avail=0xfffe))
 write("fuzz_virtqueue", "loop",
       ring(2, 0, [(0x1000, 8, NEXT, 1), (0x2000, 8, NEXT, 0)], [0, 1]))
+
+
+# ---- fuzz_admin: request lines for the admin socket (docs/admin.md) ----
+admin = {
+    "status": b'{"execute":"query-status","id":1}\n',
+    "pause": b'{"execute":"pause-reclaim","arguments":{"vm":"web01"},"id":"a"}\n',
+    "set_policy": b'{"execute":"set-policy","arguments":{"node":0,"mode":"lazy","rate-limit":1048576}}\n'
+                  b'{"execute":"set-policy","arguments":{"vm":"x","paused":true}}\n',
+    "types": b'{"execute":"types","arguments":{"s":"s","i":-1,"u":1,"b":false,"a":[1,[2]],"o":{"k":null}}}\n',
+    "errors": b'not json\n[1,2]\n{"execute":5}\n{"execute":"nope"}\n{"execute":"attach","arguments":{"name":1}}\n'
+              b'{"execute":"query-status","extra":1}\n{"execute":"throws"}\n',
+    "unicode": rb'{"execute":"pause-reclaim","arguments":{"vm":"\u00e9\ud83d\ude00"}}' + b"\n",
+    "bad_utf8": b'{"execute":"\xff\xfe"}\n{"execute":"pause-reclaim","arguments":{"vm":"\xc3"}}\n',
+}
+for name, data in admin.items():
+    write("fuzz_admin", name, data)
