@@ -40,6 +40,12 @@ constexpr auto kProbeInterval = std::chrono::milliseconds(100);
 // are noticed promptly.
 constexpr auto kRateSlice = std::chrono::milliseconds(10);
 
+void mark_progress(NodeCounters& c) {
+  c.progress_ns.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          Clock::now().time_since_epoch()).count(),
+                      std::memory_order_relaxed);
+}
+
 bool is_cancelled(const Batch& b) {
   return b.cancel != nullptr && b.cancel->load(std::memory_order_acquire);
 }
@@ -218,6 +224,7 @@ bool NodePipelines::Node::take_tokens(uint64_t bytes, uint64_t rate, const Batch
     }
     if (stop_flag.load(std::memory_order_acquire) || is_cancelled(b)) return false;
     std::this_thread::sleep_for(std::min<Clock::duration>(wait, kRateSlice));
+    mark_progress(counters);  // waiting on the rate limit is not being stuck
   }
 }
 
@@ -258,6 +265,7 @@ void NodePipelines::Node::process(Work& w) {
       rr.outcome.skipped_bytes = t.length;
       rr.outcome.skip = SkipReason::Cancelled;
     } else {
+      mark_progress(counters);
       const auto t0 = Clock::now();
       try {
         rr.outcome = discarder.discard(t, *m);
@@ -268,6 +276,7 @@ void NodePipelines::Node::process(Work& w) {
         rr.outcome.skip = SkipReason::Failed;
       }
       r.discard_time += Clock::now() - t0;
+      mark_progress(counters);
     }
     r.discarded_bytes += rr.outcome.discarded_bytes;
     r.skipped_bytes += rr.outcome.skipped_bytes;
@@ -276,6 +285,7 @@ void NodePipelines::Node::process(Work& w) {
 }
 
 void NodePipelines::Node::complete(uint64_t seq, Batch& b, BatchResult&& r, bool from_pipeline) {
+  mark_progress(counters);
   counters.batches.fetch_add(1, std::memory_order_relaxed);
   counters.discarded_bytes.fetch_add(r.discarded_bytes, std::memory_order_relaxed);
   counters.skipped_bytes.fetch_add(r.skipped_bytes, std::memory_order_relaxed);
@@ -333,6 +343,7 @@ void NodePipelines::Node::run_pipeline() {
                 queue.pop_front();
                 ++in_pipeline;
                 lk.unlock();
+                mark_progress(counters);
                 w.memory = read_memory();
                 return &w;
               }) &
@@ -436,7 +447,8 @@ void NodePipelines::submit(Batch b) {
     if (!n.stopping) {
       const uint64_t seq = n.next_seq++;
       n.in_flight.insert(seq);
-      n.counters.queued.fetch_add(1, std::memory_order_relaxed);
+      // An idle node's stall clock starts with its first batch.
+      if (n.counters.queued.fetch_add(1, std::memory_order_relaxed) == 0) mark_progress(n.counters);
       n.queue.emplace_back(seq, std::move(b));
       n.cv.notify_one();
       return;
@@ -474,6 +486,23 @@ void NodePipelines::stop() {
 }
 
 int NodePipelines::node_count() const { return static_cast<int>(nodes_.size()); }
+
+std::optional<std::string> NodePipelines::stalled(std::chrono::nanoseconds limit,
+                                                  Clock::time_point now) const {
+  for (const auto& n : nodes_) {
+    const uint64_t queued = n->counters.queued.load(std::memory_order_relaxed);
+    if (queued == 0) continue;
+    const Clock::time_point last{std::chrono::duration_cast<Clock::duration>(
+        std::chrono::nanoseconds(n->counters.progress_ns.load(std::memory_order_relaxed)))};
+    const auto idle = now - last;
+    if (idle > limit) {
+      return "node " + std::to_string(n->index) + ": " + std::to_string(queued) +
+             " batch(es) queued or running, no progress for " +
+             std::to_string(std::chrono::duration_cast<std::chrono::seconds>(idle).count()) + " s";
+    }
+  }
+  return std::nullopt;
+}
 
 const NodeCounters& NodePipelines::counters(int node) const {
   if (node < 0 || node >= node_count()) {

@@ -454,6 +454,32 @@ TEST_F(Pipelines, DrainWaitsForRunningBatches) {
   EXPECT_EQ(p.counters(2).queued.load(), 0u);
 }
 
+// The watchdog's health check: a node with work whose discard does not
+// return is named once its last sign of life is older than the limit; idle
+// nodes never are. (Time is passed in: nothing here waits for it.)
+TEST_F(Pipelines, StalledNamesANodeWhoseDiscardDoesNotReturn) {
+  using std::chrono::seconds;
+  NodePipelines p(topo_, discarder_, policy_, probe_);
+  const auto far = std::chrono::steady_clock::now() + std::chrono::hours(1);
+  EXPECT_EQ(p.stalled(seconds(120), far), std::nullopt);  // idle: never stalled
+  discarder_.close_gate();
+  Batch b;
+  b.node = 1;
+  b.ranges = {range(4, 0, kPage, 1)};
+  b.on_done = done_.callback(0);
+  p.submit(std::move(b));
+  discarder_.wait_entered(1);  // inside discard(), which does not return
+  const auto now = std::chrono::steady_clock::now();
+  EXPECT_EQ(p.stalled(seconds(120), now), std::nullopt);  // it just moved
+  auto s = p.stalled(seconds(120), now + seconds(121));
+  ASSERT_TRUE(s.has_value());
+  EXPECT_NE(s->find("node 1:"), std::string::npos) << *s;
+  EXPECT_NE(s->find("1 batch(es)"), std::string::npos) << *s;
+  discarder_.open_gate();
+  p.drain();
+  EXPECT_EQ(p.stalled(seconds(120), far), std::nullopt);  // done: idle again
+}
+
 TEST_F(Pipelines, OutOfRangeNodeCompletesAtOnceAsUnsupported) {
   NodePipelines p(topo_, discarder_, policy_, probe_);
   for (const int node : {4, -1, 1000}) {

@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "fph/reclaim/discard.h"
@@ -73,6 +75,10 @@ struct NodeCounters {
   std::atomic<uint64_t> skipped_bytes{0};
   std::atomic<uint64_t> failures{0};
   std::atomic<uint64_t> queued{0};  // batches waiting or running
+  // Last sign of life of the node's pipeline while it had work
+  // (steady_clock, ns since its epoch): a batch submitted to an idle node, a
+  // batch taken, a range started or finished, a rate-limit wait slice.
+  std::atomic<int64_t> progress_ns{0};
 };
 
 class NodePipelines {
@@ -98,6 +104,14 @@ class NodePipelines {
 
   int node_count() const;
   const NodeCounters& counters(int node) const;
+
+  // Health for the service manager's watchdog: the first node that has work
+  // queued or running and has shown no sign of life for longer than `limit`
+  // (a discard stuck in the kernel, a wedged pipeline), described for the
+  // log; nullopt when every node is idle or moving.
+  std::optional<std::string> stalled(std::chrono::nanoseconds limit,
+                                     std::chrono::steady_clock::time_point now =
+                                         std::chrono::steady_clock::now()) const;
 
  private:
   struct Node;
