@@ -101,7 +101,7 @@ class Parser {
       const auto* t = d->as_table();
       if (!t) fail(*d, "daemon", "must be a table");
       only_keys(*t, "daemon.", {"listen", "admin_socket", "socket_mode", "metrics", "log_level",
-                                "threads_per_node", "synthetic_topology"});
+                                "threads_per_node", "stall_limit_seconds", "synthetic_topology"});
       if (const auto* n = t->get("listen")) {
         const auto* arr = n->as_array();
         if (!arr) fail(*n, "daemon.listen", "must be an array of socket paths");
@@ -122,6 +122,8 @@ class Parser {
         if (!log::parse_level(c.log_level, &l)) fail(*n, "daemon.log_level", "'" + c.log_level + "' is not one of debug, info, warn, error");
       }
       if (const auto* n = t->get("threads_per_node")) c.threads_per_node = static_cast<int>(integer(*n, "daemon.threads_per_node", 0, 1024));
+      if (const auto* n = t->get("stall_limit_seconds"))
+        c.stall_limit_seconds = static_cast<int>(integer(*n, "daemon.stall_limit_seconds", 0, 86400));
       if (const auto* n = t->get("synthetic_topology")) c.synthetic_topology = str(*n, "daemon.synthetic_topology");
     }
     if (const auto* n = root.get("vm")) c.vms = named_paths(*n, "vm");

@@ -23,8 +23,6 @@ namespace fph::daemon {
 
 namespace {
 
-constexpr auto kPipelineStallLimit = std::chrono::seconds(120);
-
 void apply_policy(reclaim::PolicyTable& table, const PolicyConfig& p) {
   for (int n = 0; n < table.node_count(); ++n) table.set(n, p.for_node(n));
 }
@@ -155,13 +153,15 @@ int run_daemon(RunOptions opts) {
   std::fflush(stdout);
   notify(fmt::format("READY=1\nSTATUS=serving {} socket(s) on {} node(s)", server.socket_paths().size(),
                      topo.node_count()));
-  // Pings stop while a node pipeline has work and has not moved for two
-  // minutes (a discard stuck in the kernel, a wedged pipeline): the service
-  // manager then restarts fphd, and the front ends reconnect. Two minutes is
-  // far above any single discard (a 16 MiB punch takes milliseconds) and
-  // rate-limit waits count as progress.
-  Watchdog watchdog([&pipelines] {
-    if (auto s = pipelines.stalled(kPipelineStallLimit)) {
+  // Pings stop while a node pipeline has work and has not moved for
+  // daemon.stall_limit_seconds (default two minutes: a discard stuck in the
+  // kernel, a wedged pipeline): the service manager then restarts fphd, and
+  // the front ends reconnect. Two minutes is far above any single discard (a
+  // 16 MiB punch takes milliseconds) and rate-limit waits count as progress.
+  const std::chrono::seconds stall_limit(cfg.stall_limit_seconds);
+  Watchdog watchdog([&pipelines, stall_limit] {
+    if (stall_limit.count() == 0) return true;
+    if (auto s = pipelines.stalled(stall_limit)) {
       log::error("fphd", "discard pipeline stalled: {}", *s);
       notify("STATUS=discard pipeline stalled: " + *s);
       return false;

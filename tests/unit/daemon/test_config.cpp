@@ -49,6 +49,7 @@ socket_mode = "0600"
 metrics = "off"
 log_level = "debug"
 threads_per_node = 2
+stall_limit_seconds = 30
 [[vm]]
 name = "web"
 path = "/web.sock"
@@ -69,6 +70,7 @@ mode = "eager"
   EXPECT_EQ(c->vms.at(0).name, "web");
   EXPECT_EQ(c->attach.at(0).path, "/db.sock");
   EXPECT_EQ(c->threads_per_node, 2);
+  EXPECT_EQ(c->stall_limit_seconds, 30);
   EXPECT_EQ(c->policy.for_node(0).mode, PrivateMode::Lazy);
   EXPECT_EQ(c->policy.for_node(1).mode, PrivateMode::Eager);
   EXPECT_EQ(c->policy.for_node(1).rate_limit_bytes_per_sec, 1048576u);  // inherited
@@ -78,6 +80,7 @@ mode = "eager"
 TEST(Config, ErrorsNameKeyAndLine) {
   EXPECT_TRUE(has(error_of("[policy]\nmode = \"fast\"\n"), "t.toml:2: policy.mode: 'fast' is not one of"));
   EXPECT_TRUE(has(error_of("[policy]\n\nrate_limit = -1\n"), "t.toml:3: policy.rate_limit"));
+  EXPECT_TRUE(has(error_of("[daemon]\nstall_limit_seconds = -5\n"), "t.toml:2: daemon.stall_limit_seconds"));
   EXPECT_TRUE(has(error_of("[policy]\nrate_limit = \"1G\"\n"), "policy.rate_limit: must be an integer"));
   EXPECT_TRUE(has(error_of("[policy]\nmoed = \"eager\"\n"), "t.toml:2: policy.moed: unknown key"));
   EXPECT_TRUE(has(error_of("[deamon]\n"), "deamon: unknown key"));

@@ -38,6 +38,9 @@ struct FphdConfig {
   std::string metrics = "127.0.0.1:9477";  // "off" = none
   std::string log_level = "info";
   int threads_per_node = 0;
+  // The watchdog stops pinging systemd when a node pipeline has had work and
+  // no progress for this long (0 = never judge the pipelines).
+  int stall_limit_seconds = 120;
   std::string synthetic_topology;
   // [policy]
   PolicyConfig policy;
