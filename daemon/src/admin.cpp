@@ -350,24 +350,10 @@ AdminServer::AdminServer(const AdminDispatcher& d, std::string version)
 AdminServer::~AdminServer() { stop(); }
 
 Expected<void, std::string> AdminServer::start(const std::string& path, unsigned mode) {
-  sockaddr_un addr{};
-  if (path.size() >= sizeof(addr.sun_path)) return unexpected("admin socket path too long: " + path);
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd) return unexpected(std::string("socket: ") + std::strerror(errno));
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
-  // Created with the final permissions: never briefly world-accessible.
-  const mode_t old = ::umask(0777 & ~mode);
-  const int rc = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  const int err = errno;
-  ::umask(old);
-  if (rc != 0) return unexpected("bind " + path + ": " + std::strerror(err));
-  ::chmod(path.c_str(), mode);
-  if (::listen(fd.get(), 16) != 0) return unexpected("listen " + path + ": " + std::strerror(errno));
+  auto fd = listen_unix(path, mode);
+  if (!fd) return unexpected(fd.error());
   unlink_on_stop_ = true;
-  return start_fd(std::move(fd), path);
+  return start_fd(std::move(*fd), path);
 }
 
 Expected<void, std::string> AdminServer::start_fd(UniqueFd listener, std::string path) {

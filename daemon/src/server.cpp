@@ -34,21 +34,6 @@ bool valid_name(const std::string& n) {
   return true;
 }
 
-Expected<UniqueFd, std::string> make_listener(const std::string& path, unsigned mode) {
-  sockaddr_un addr{};
-  if (path.size() >= sizeof(addr.sun_path)) return unexpected("socket path too long: " + path);
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd) return unexpected(std::string("socket: ") + std::strerror(errno));
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
-    return unexpected("bind " + path + ": " + std::strerror(errno));
-  ::chmod(path.c_str(), mode);
-  if (::listen(fd.get(), 64) != 0) return unexpected("listen " + path + ": " + std::strerror(errno));
-  return fd;
-}
 
 Expected<UniqueFd, std::string> connect_to(const std::string& path) {
   sockaddr_un addr{};
@@ -107,13 +92,13 @@ Expected<void, std::string> Server::start() {
     listeners_.push_back({std::move(fd), in.path, in.fixed_name, false});
   }
   for (const auto& p : cfg_.listen) {
-    auto fd = make_listener(p, cfg_.socket_mode);
+    auto fd = listen_unix(p, cfg_.socket_mode);
     if (!fd) return unexpected(fd.error());
     listeners_.push_back({std::move(*fd), p, "", true});
   }
   for (const auto& v : cfg_.vm_sockets) {
     if (!valid_name(v.name)) return unexpected("invalid VM name '" + v.name + "'");
-    auto fd = make_listener(v.path, cfg_.socket_mode);
+    auto fd = listen_unix(v.path, cfg_.socket_mode);
     if (!fd) return unexpected(fd.error());
     listeners_.push_back({std::move(*fd), v.path, v.name, true});
   }
@@ -318,6 +303,25 @@ std::vector<std::shared_ptr<Session>> Server::sessions() const {
   std::vector<std::shared_ptr<Session>> v;
   for (const auto& [n, s] : sessions_) v.push_back(s);
   return v;
+}
+
+Expected<UniqueFd, std::string> listen_unix(const std::string& path, unsigned mode) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof(addr.sun_path)) return unexpected("socket path too long: " + path);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return unexpected(std::string("socket: ") + std::strerror(errno));
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
+  // Created with the final permissions: never briefly more accessible.
+  const mode_t old = ::umask(0777 & ~mode);
+  const int rc = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  const int err = errno;
+  ::umask(old);
+  if (rc != 0) return unexpected("bind " + path + ": " + std::strerror(err));
+  if (::listen(fd.get(), 64) != 0) return unexpected("listen " + path + ": " + std::strerror(errno));
+  return fd;
 }
 
 }  // namespace fph::daemon

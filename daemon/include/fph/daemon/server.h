@@ -52,6 +52,12 @@ std::string name_from_cmdline(const std::vector<std::string>& argv);
 // Steps 2 and 3 above for a connected socket.
 std::string name_from_peer(int sock, uint64_t conn_no);
 
+// A listening Unix stream socket at `path`, created with permissions `mode`
+// (the umask is narrowed around bind, so it is never briefly more
+// accessible); a stale socket file there is replaced. Shared by the VM
+// sockets and the admin socket.
+Expected<UniqueFd, std::string> listen_unix(const std::string& path, unsigned mode);
+
 class Server {
  public:
   Server(DaemonContext& ctx, ServerConfig cfg);
