@@ -35,6 +35,16 @@ void hugetlb_info(uint64_t* free_pages, uint64_t* page_bytes) {
   }
 }
 
+// MPOL_BIND of [p, p+len) to host node `node` (--numa-node).
+Expected<void, std::string> bind_to_node(void* p, uint64_t len, int node) {
+  if (node < 0 || node >= 1024) return unexpected(std::string("--numa-node out of range"));
+  unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {};
+  mask[node / (8 * sizeof(unsigned long))] |= 1ul << (node % (8 * sizeof(unsigned long)));
+  if (mbind(p, len, MPOL_BIND, mask, 1024, 0) != 0)
+    return unexpected(fmt::format("mbind(MPOL_BIND, node {}): {}", node, std::strerror(errno)));
+  return {};
+}
+
 }  // namespace
 
 std::vector<RingArea> layout_rings(uint64_t gpa_base, const std::vector<uint16_t>& sizes,
@@ -118,14 +128,8 @@ Expected<std::unique_ptr<GuestMemory>, std::string> GuestMemory::create(
       r.size = region_size;
       r.host = static_cast<uint8_t*>(p);
       m->regions_.push_back(std::move(r));
-      if (o.numa_node) {
-        const int node = *o.numa_node;
-        if (node < 0 || node >= 1024) return unexpected(std::string("--numa-node out of range"));
-        unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {};
-        mask[node / (8 * sizeof(unsigned long))] |= 1ul << (node % (8 * sizeof(unsigned long)));
-        if (mbind(p, region_size, MPOL_BIND, mask, 1024, 0) != 0)
-          return unexpected(fmt::format("mbind(MPOL_BIND, node {}): {}", node, std::strerror(errno)));
-      }
+      if (o.numa_node)
+        if (auto b = bind_to_node(p, region_size, *o.numa_node); !b) return unexpected(b.error());
       continue;
     }
     const unsigned flags = MFD_CLOEXEC | (o.hugetlb ? MFD_HUGETLB : 0u);
@@ -149,17 +153,11 @@ Expected<std::unique_ptr<GuestMemory>, std::string> GuestMemory::create(
     r.mmap_offset = o.mmap_offset;
     r.fd = std::move(fd);
     m->regions_.push_back(std::move(r));
-    if (o.numa_node) {
-      // Bind before first touch: on a shared mapping mbind sets the shmem
-      // object's policy, so pages faulted later (by us or by the back end)
-      // come from that node.
-      const int node = *o.numa_node;
-      if (node < 0 || node >= 1024) return unexpected(std::string("--numa-node out of range"));
-      unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {};
-      mask[node / (8 * sizeof(unsigned long))] |= 1ul << (node % (8 * sizeof(unsigned long)));
-      if (mbind(p, region_size, MPOL_BIND, mask, 1024, 0) != 0)
-        return unexpected(fmt::format("mbind(MPOL_BIND, node {}): {}", node, std::strerror(errno)));
-    }
+    // Bind before first touch: on a shared mapping mbind sets the shmem
+    // object's policy, so pages faulted later (by us or by the back end)
+    // come from that node.
+    if (o.numa_node)
+      if (auto b = bind_to_node(p, region_size, *o.numa_node); !b) return unexpected(b.error());
   }
   log::info("mem", "guest RAM {} MiB in {} {} region(s) of {} MiB at gpa {:#x}{}{}",
             m->total_ >> 20, o.regions, o.private_anon ? "private anonymous" : "memfd",
