@@ -1,7 +1,7 @@
 # fph-bench: end-to-end reclaim throughput, latency and CPU of the real fphd
 # and fph-guest binaries against the raw fallocate limit (see fph_bench.cpp).
 add_executable(fph-bench ${CMAKE_CURRENT_LIST_DIR}/fph_bench.cpp)
-target_link_libraries(fph-bench PRIVATE benchmark::benchmark nlohmann_json::nlohmann_json Threads::Threads)
+target_link_libraries(fph-bench PRIVATE fph::probe benchmark::benchmark nlohmann_json::nlohmann_json Threads::Threads)
 target_compile_definitions(fph-bench PRIVATE
   FPH_FPHD_PATH="$<TARGET_FILE:fphd>" FPH_GUEST_PATH="$<TARGET_FILE:fph-guest>")
 add_dependencies(fph-bench fphd fph-guest)

@@ -76,11 +76,9 @@
 //          [--keep-logs] [Google Benchmark flags, e.g. --benchmark_format=json]
 // Environment: FPH_BENCH_FPHD, FPH_BENCH_GUEST override the binaries;
 // FPH_BENCH_ARGS is prepended to the command line.
-#include <arpa/inet.h>
 #include <benchmark/benchmark.h>
 #include <dirent.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -114,6 +112,8 @@
 #include <thread>
 #include <vector>
 
+#include "fph/probe/scrape.h"
+
 #ifndef FPH_FPHD_PATH
 #define FPH_FPHD_PATH "fphd"
 #endif
@@ -128,6 +128,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 using nlohmann::json;
+using fph::probe::http_get;
+using fph::probe::metric_sum;
 
 constexpr uint64_t kKiB = 1024, kMiB = kKiB * 1024, kGiB = kMiB * 1024;
 constexpr double kGiBd = 1024.0 * 1024.0 * 1024.0;
@@ -497,58 +499,6 @@ struct TempDir {
     else std::fprintf(stderr, "fph-bench: logs kept in %s\n", path.c_str());
   }
 };
-
-// GET http://127.0.0.1:PORT/path; empty on failure.
-std::string http_get(const std::string& url) {
-  const std::string pfx = "http://";
-  if (url.rfind(pfx, 0) != 0) return {};
-  const auto hostport_end = url.find('/', pfx.size());
-  const std::string hostport = url.substr(pfx.size(), hostport_end - pfx.size());
-  const std::string path = hostport_end == std::string::npos ? "/" : url.substr(hostport_end);
-  const auto colon = hostport.rfind(':');
-  if (colon == std::string::npos) return {};
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return {};
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(std::stoi(hostport.substr(colon + 1))));
-  inet_pton(AF_INET, hostport.substr(0, colon).c_str(), &a.sin_addr);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return {};
-  }
-  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: " + hostport + "\r\n\r\n";
-  (void)!::write(fd, req.data(), req.size());
-  std::string resp;
-  char buf[65536];
-  for (;;) {
-    pollfd p{fd, POLLIN, 0};
-    if (::poll(&p, 1, 10000) <= 0) break;
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n <= 0) break;
-    resp.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  const auto body = resp.find("\r\n\r\n");
-  return body == std::string::npos ? std::string{} : resp.substr(body + 4);
-}
-
-double metric_sum(const std::string& text, const std::string& name) {
-  double sum = 0;
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty() || line[0] == '#') continue;
-    const auto sp = line.rfind(' ');
-    if (sp == std::string::npos) continue;
-    const auto brace = line.find('{');
-    if (line.substr(0, brace == std::string::npos ? sp : brace) != name) continue;
-    try {
-      sum += std::stod(line.substr(sp + 1));
-    } catch (...) {
-    }
-  }
-  return sum;
-}
 
 // utime + stime of a whole process (all threads, dead ones included), seconds.
 class CpuReader {

@@ -1,9 +1,7 @@
 #include "harness.h"
 
-#include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -15,7 +13,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -141,54 +138,6 @@ std::string Process::stderr_text() const {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
-}
-
-std::string http_get(const std::string& url) {
-  std::smatch m;
-  static const std::regex re(R"(http://([0-9.]+):([0-9]+)(/.*))");
-  if (!std::regex_match(url, m, re)) return {};
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(std::stoi(m[2])));
-  inet_pton(AF_INET, m[1].str().c_str(), &a.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    close(fd);
-    return {};
-  }
-  std::string req = "GET " + m[3].str() + " HTTP/1.0\r\nHost: " + m[1].str() + "\r\n\r\n";
-  (void)!write(fd, req.data(), req.size());
-  std::string resp;
-  char buf[65536];
-  for (;;) {
-    pollfd p{fd, POLLIN, 0};
-    if (poll(&p, 1, 10000) <= 0) break;
-    ssize_t n = read(fd, buf, sizeof buf);
-    if (n <= 0) break;
-    resp.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  auto body = resp.find("\r\n\r\n");
-  return body == std::string::npos ? std::string{} : resp.substr(body + 4);
-}
-
-double metric_sum(const std::string& text, const std::string& name,
-                  const std::map<std::string, std::string>& labels) {
-  double sum = 0;
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty() || line[0] == '#') continue;
-    const auto sp = line.rfind(' ');
-    if (sp == std::string::npos) continue;
-    const auto brace = line.find('{');
-    const std::string metric = line.substr(0, brace == std::string::npos ? sp : brace);
-    if (metric != name) continue;
-    bool ok = true;
-    for (const auto& [k, v] : labels)
-      if (line.find(k + "=\"" + v + "\"") == std::string::npos) ok = false;
-    if (ok) sum += std::stod(line.substr(sp + 1));
-  }
-  return sum;
 }
 
 int64_t memfd_allocated_bytes(pid_t pid, const std::string& memfd_name) {

@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include "fph/probe/scrape.h"
+
 namespace fph::test {
 
 using namespace std::chrono_literals;
@@ -71,11 +73,9 @@ class Process {
   std::optional<int> status_;
 };
 
-// GET http://127.0.0.1:PORT/path over a plain socket. Empty on failure.
-std::string http_get(const std::string& url);
-// Sum of the samples of `name` whose labels include all of `labels`.
-double metric_sum(const std::string& exposition, const std::string& name,
-                  const std::map<std::string, std::string>& labels = {});
+// Scraping fphd's metrics: fph::probe, shared with fph-bench.
+using probe::http_get;
+using probe::metric_sum;
 // Bytes the kernel holds for the memfds (name containing `memfd_name`) that
 // process `pid` has open: st_blocks * 512 summed over distinct inodes.
 int64_t memfd_allocated_bytes(pid_t pid, const std::string& memfd_name = "fph-guest-ram");
