@@ -500,34 +500,6 @@ struct TempDir {
   }
 };
 
-// utime + stime of a whole process (all threads, dead ones included), seconds.
-class CpuReader {
- public:
-  explicit CpuReader(pid_t pid)
-      : fd_(::open(("/proc/" + std::to_string(pid) + "/stat").c_str(), O_RDONLY | O_CLOEXEC)),
-        tck_(static_cast<double>(sysconf(_SC_CLK_TCK))) {}
-  ~CpuReader() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  double read() const {
-    char buf[2048];
-    const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
-    if (n <= 0) return -1;
-    buf[n] = 0;
-    const char* p = std::strrchr(buf, ')');
-    if (!p) return -1;
-    // Fields after the comm: 3 state ... 14 utime 15 stime.
-    unsigned long long ut = 0, st = 0;
-    if (std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
-      return -1;
-    return static_cast<double>(ut + st) / tck_;
-  }
-
- private:
-  int fd_;
-  double tck_;
-};
-
 // Busy CPU seconds of the whole machine (all CPUs: everything but idle and
 // iowait), from /proc/stat.
 class SystemCpuReader {
@@ -902,14 +874,12 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
   // Let every driver thread post and kick its first request.
   std::this_thread::sleep_for(20ms);
 
-  CpuReader cpu(fphd.pid());
   SystemCpuReader syscpu;
   const ThreadCpu threads0 = ThreadCpu::read(fphd.pid());
   std::vector<ThreadCpu> guest_threads0;
   for (auto& g : guests) guest_threads0.push_back(ThreadCpu::read(g->pid()));
   const ThreadCpu bench_threads0 = ThreadCpu::read(getpid());
   const int64_t b0 = total_bytes();
-  const double c0 = cpu.read();
   const double sys0 = syscpu.read();
   const auto t0 = Clock::now();
   fphd.signal(SIGCONT);
@@ -926,8 +896,7 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
                    all_reported;
   }
   // fphd's CPU: every thread, from t0 until every guest has said so, in
-  // nanoseconds.
-  // /proc/PID/stat's tick count is the fallback.
+  // nanoseconds (schedstat; /proc/PID/stat counts 10 ms ticks).
   {
     const ThreadCpu threads1 = ThreadCpu::read(fphd.pid());
     const auto [dr, dw] = threads1.since(threads0, "fph-reclaim");
@@ -936,7 +905,11 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
     r.discard_cpu_s = dr;
     r.discard_runq_s = dw;
     r.other_cpu_s = orun;
-    r.fphd_cpu_s = threads1.tasks.empty() ? cpu.read() - c0 : dr + orun;
+    if (threads1.tasks.empty()) {
+      r.error = "cannot read /proc/" + std::to_string(fphd.pid()) + "/task/*/schedstat";
+      return r;
+    }
+    r.fphd_cpu_s = dr + orun;
     // Who else ran in the window: the guests (driver and agent threads) and
     // this bench (its stdout readers wake when a guest prints).
     for (size_t i = 0; i < guests.size(); ++i)
