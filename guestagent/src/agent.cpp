@@ -28,18 +28,16 @@ void EventSink::emit(const json& j, bool deferrable) {
   std::string line = j.dump();
   line += '\n';
   std::lock_guard lk(mu_);
-  if (defer_ && deferrable) {
-    held_ += line;
-    return;
-  }
   held_ += line;
-  std::fwrite(held_.data(), 1, held_.size(), out_);
-  std::fflush(out_);
-  held_.clear();
+  if (!(defer_ && deferrable)) write_held_locked();
 }
 
 void EventSink::flush() {
   std::lock_guard lk(mu_);
+  write_held_locked();
+}
+
+void EventSink::write_held_locked() {
   if (held_.empty()) return;
   std::fwrite(held_.data(), 1, held_.size(), out_);
   std::fflush(out_);

@@ -83,6 +83,7 @@ class EventSink {
   ~EventSink() { flush(); }
 
  private:
+  void write_held_locked();
   std::mutex mu_;
   std::FILE* out_;
   bool defer_ = false;
