@@ -1,22 +1,30 @@
-# fph::daemon: the vhost-user back end. The data path, in order:
-#   session.cpp        one VM's vhost-user connection and protocol state
-#   queue_service.cpp  validate chains, translate ranges, submit, return chains
-#   ../reclaim         node pipelines (node_pipeline.cpp) and discard primitives (discard.cpp)
+# fph::daemon: the vhost-user back end. The folders under src/ are its layers,
+# and the data path reads top to bottom:
+#   vhost_user/  the protocol: server.cpp (sockets, one thread per VM),
+#                session.cpp (one VM's connection, memory table, rings),
+#                backend_channel.cpp (back end -> front end requests),
+#                guest_memory.cpp (mapped regions, address translation)
+#   balloon/     the virtio-balloon device: queue_service.cpp (validate chains,
+#                translate ranges, submit, return chains), the reclaim state
+#                and refault samplers
+#   ../reclaim   node pipelines (node_pipeline.cpp) and discard primitives (discard.cpp)
+#   ops/         operating it: metrics, admin socket, config, systemd, run()
 pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
 pkg_check_modules(TOMLPP REQUIRED IMPORTED_TARGET tomlplusplus)
 add_library(fph_daemon STATIC
-  src/guest_memory.cpp
-  src/session.cpp
-  src/queue_service.cpp
-  src/metrics.cpp
-  src/server.cpp
-  src/refault_sampler.cpp
-  src/node_collector.cpp
-  src/sampler.cpp
-  src/admin.cpp
-  src/config.cpp
-  src/systemd.cpp
-  src/run.cpp
+  src/vhost_user/server.cpp
+  src/vhost_user/session.cpp
+  src/vhost_user/backend_channel.cpp
+  src/vhost_user/guest_memory.cpp
+  src/balloon/queue_service.cpp
+  src/balloon/refault_sampler.cpp
+  src/balloon/sampler.cpp
+  src/ops/metrics.cpp
+  src/ops/node_collector.cpp
+  src/ops/admin.cpp
+  src/ops/config.cpp
+  src/ops/systemd.cpp
+  src/ops/run.cpp
 )
 add_library(fph::daemon ALIAS fph_daemon)
 target_include_directories(fph_daemon PUBLIC include)

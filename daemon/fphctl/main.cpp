@@ -130,6 +130,11 @@ int main(int argc, char** argv) {
   auto* o_rate = c_policy->add_option("--rate-limit", rate, "Bytes per second a node may discard (0: unlimited)");
   c_policy->add_flag("--paused", paused_flag, "Pause the VM's reclaim");
   c_policy->add_flag("--resumed", resumed_flag, "Resume the VM's reclaim");
+  uint64_t pages = 0;
+  auto* c_pages = app.add_subcommand("set-num-pages",
+                                     "Set a VM's balloon target (config num_pages, 4 KiB pages); the driver is notified");
+  c_pages->add_option("vm", vm, "VM name")->required();
+  c_pages->add_option("pages", pages, "Target in 4 KiB pages (0: deflate fully)")->required();
   auto* c_attach = app.add_subcommand("attach", "Connect to a front end's server socket");
   c_attach->add_option("name", name, "VM name")->required();
   c_attach->add_option("path", path, "The front end's socket")->required();
@@ -154,6 +159,7 @@ int main(int argc, char** argv) {
   else if (c_yankable->parsed()) cmd = "query-yank";
   else if (c_pause->parsed()) cmd = "pause-reclaim", args = {{"vm", vm}};
   else if (c_resume->parsed()) cmd = "resume-reclaim", args = {{"vm", vm}};
+  else if (c_pages->parsed()) cmd = "set-num-pages", args = {{"vm", vm}, {"pages", pages}};
   else if (c_attach->parsed()) cmd = "attach", args = {{"name", name}, {"path", path}};
   else if (c_detach->parsed()) cmd = "detach", args = {{"name", name}};
   else if (c_yank->parsed()) {

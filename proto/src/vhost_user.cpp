@@ -131,6 +131,18 @@ std::string request_name(uint32_t request) {
   return fmt::format("UNKNOWN({})", request);
 }
 
+std::string backend_request_name(uint32_t request) {
+  switch (static_cast<BackendRequest>(request)) {
+    case BackendRequest::IotlbMsg: return "IOTLB_MSG";
+    case BackendRequest::ConfigChangeMsg: return "CONFIG_CHANGE_MSG";
+    case BackendRequest::VringHostNotifierMsg: return "VRING_HOST_NOTIFIER_MSG";
+    case BackendRequest::SharedObjectAdd: return "SHARED_OBJECT_ADD";
+    case BackendRequest::SharedObjectRemove: return "SHARED_OBJECT_REMOVE";
+    case BackendRequest::SharedObjectLookup: return "SHARED_OBJECT_LOOKUP";
+  }
+  return fmt::format("UNKNOWN({})", request);
+}
+
 // ---- header (reference 4.1) ----
 
 ParseResult<Header> parse_header(std::span<const uint8_t> bytes) {
@@ -249,10 +261,17 @@ ParseResult<MemoryRegion> check_region(const MemoryRegion& r, std::string_view f
   return r;
 }
 
-// SET_MEM_TABLE: u32 nregions, u32 padding, region[nregions].
-// nregions must be 1..8: QEMU never sends an empty table (with no memory the
-// device cannot work, and an empty table is indistinguishable from a bug), and
-// 8 is VHOST_MEMORY_BASELINE_NREGIONS. The padding word is ignored.
+// SET_MEM_TABLE: u32 nregions, u32 padding, region[nregions], then optional
+// spare room. nregions must be 1..8: QEMU never sends an empty table (with no
+// memory the device cannot work, and an empty table is indistinguishable from
+// a bug), and 8 is VHOST_MEMORY_BASELINE_NREGIONS. The padding word is ignored.
+//
+// Spare room: QEMU sends exactly 8 + 32 * nregions bytes, but Linux's
+// virtio_uml sends its whole fixed-size table (room for two regions, 72
+// bytes) with nregions = 1 (docs/protocol.md, "Front ends seen in practice").
+// The payload may therefore be longer than the announced regions, as long as
+// it is made of whole region slots and has no more than 8 of them; the
+// unannounced slots are never read and carry no fds.
 ParseResult<std::vector<MemoryRegion>> parse_mem_table(std::span<const uint8_t> payload) {
   if (payload.size() < kMemTableHeader) {
     return parse_error(ParseErrc::Truncated, "mem_table",
@@ -265,11 +284,18 @@ ParseResult<std::vector<MemoryRegion>> parse_mem_table(std::span<const uint8_t> 
                        fmt::format("{} regions, allowed 1..{}", n, kMaxMemTableRegions));
   }
   const size_t want = kMemTableHeader + kRegionSize * n;
-  if (payload.size() != want) {
-    return parse_error(payload.size() < want ? ParseErrc::Truncated : ParseErrc::BadSize,
-                       "mem_table",
-                       fmt::format("payload is {} bytes, {} regions need exactly {}",
+  if (payload.size() < want) {
+    return parse_error(ParseErrc::Truncated, "mem_table",
+                       fmt::format("payload is {} bytes, {} regions need at least {}",
                                    payload.size(), n, want));
+  }
+  constexpr size_t kLargest = kMemTableHeader + kRegionSize * kMaxMemTableRegions;
+  if (payload.size() > kLargest || (payload.size() - kMemTableHeader) % kRegionSize != 0) {
+    return parse_error(ParseErrc::BadSize, "mem_table",
+                       fmt::format("payload is {} bytes: not a header plus whole region slots "
+                                   "({} + {} * k, k <= {})",
+                                   payload.size(), kMemTableHeader, kRegionSize,
+                                   kMaxMemTableRegions));
   }
   std::vector<MemoryRegion> regions;
   regions.reserve(n);

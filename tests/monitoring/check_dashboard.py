@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Structural check of the fphd Grafana dashboard and Prometheus rules:
 unique panel ids, schema and variables, every query naming only metrics fphd
-exports (the list is generated from daemon/src/metrics.cpp, the one place
+exports (the list is generated from daemon/src/ops/metrics.cpp, the one place
 families are registered) or recording rules defines, every exported metric
 documented in docs/metrics.md, and the committed JSON matching its generator."""
 import argparse

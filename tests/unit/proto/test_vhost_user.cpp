@@ -319,6 +319,39 @@ TEST(VhostUserMem, SizeMismatch) {
   EXPECT_FALSE(vu::parse_mem_table(std::vector<uint8_t>(4)));
 }
 
+// Linux's virtio_uml sends its fixed two-slot table (72 bytes) with
+// nregions = 1: the spare slot is accepted and never read, one fd expected.
+TEST(VhostUserMem, SpareRoomAfterTheAnnouncedRegions) {
+  std::vector<vu::MemoryRegion> rs = {region(0x1000000, 0x1f000000, 0x1000000, 0x1000000),
+                                      region(kMax - 10, 4096, kMax - 10)};  // garbage in the spare slot
+  auto b = vu::encode_mem_table(rs);
+  ASSERT_EQ(b.size(), 72u);
+  b[0] = 1;  // nregions = 1
+  auto p = vu::parse_mem_table(b);
+  ASSERT_TRUE(p) << p.error().message();
+  ASSERT_EQ(p->size(), 1u);
+  EXPECT_TRUE(same((*p)[0], rs[0]));
+  EXPECT_EQ(*vu::expected_fds(static_cast<uint32_t>(vu::Request::SetMemTable), b), 1u);
+
+  // Still bounded: whole slots only, and never more than 8 slots.
+  auto ragged = b;
+  ragged.resize(72 + 16);
+  auto r = vu::parse_mem_table(ragged);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ParseErrc::BadSize);
+  auto huge = b;
+  huge.resize(8 + 32 * 9);
+  auto h = vu::parse_mem_table(huge);
+  ASSERT_FALSE(h);
+  EXPECT_EQ(h.error().code, ParseErrc::BadSize);
+  // The announced regions are still checked.
+  auto two = b;
+  two[0] = 2;  // now the garbage slot is announced
+  auto g = vu::parse_mem_table(two);
+  ASSERT_FALSE(g);
+  EXPECT_EQ(g.error().field, "regions[1].memory_size");
+}
+
 TEST(VhostUserMem, RegionChecks) {
   struct Case {
     vu::MemoryRegion r;

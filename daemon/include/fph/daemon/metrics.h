@@ -61,6 +61,9 @@ class VmMetrics {
   void skipped(reclaim::SkipReason r, uint64_t bytes);
   void request_done(RequestOutcome o);
   void protocol_error(const std::string& reason);
+  // A request fphd sent the front end on the back-end channel
+  // (`request`: config_change), and whether it could be sent.
+  void backend_request(const std::string& request, bool sent);
   void set_inflight(int64_t n);
   void set_guest_memory(uint64_t bytes);
   // Verified reclaim: bytes the kernel stopped holding (measured around the
@@ -101,6 +104,7 @@ class VmMetrics {
   std::atomic<uint64_t> discarded_bytes_{0};
   std::mutex err_mu_;  // protocol errors are rare: a map is fine
   std::map<std::string, prometheus::Counter*> errors_;
+  std::map<std::pair<std::string, bool>, prometheus::Counter*> backend_requests_;  // under err_mu_
   std::mutex lazy_mu_;
 };
 
@@ -144,6 +148,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& skipped_bytes_;
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Counter>& protocol_errors_;
+  prometheus::Family<prometheus::Counter>& backend_requests_;
   prometheus::Family<prometheus::Counter>& syscalls_;
   prometheus::Family<prometheus::Counter>& sessions_opened_;
   prometheus::Family<prometheus::Gauge>& inflight_;

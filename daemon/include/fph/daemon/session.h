@@ -16,7 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
+#include "fph/daemon/backend_channel.h"
 #include "fph/daemon/guest_memory.h"
 #include "fph/daemon/metrics.h"
 #include "fph/daemon/refault_sampler.h"
@@ -45,7 +47,10 @@ inline constexpr uint64_t kOfferedProtocolFeatures =
     proto::vu::protocol::bit(proto::vu::protocol::kReplyAck) |
     proto::vu::protocol::bit(proto::vu::protocol::kConfig) |
     proto::vu::protocol::bit(proto::vu::protocol::kConfigureMemSlots) |
-    proto::vu::protocol::bit(proto::vu::protocol::kStatus);
+    proto::vu::protocol::bit(proto::vu::protocol::kStatus) |
+    // The back-end channel: config change notifications. Linux's virtio_uml
+    // also needs it to set up its vring interrupts (docs/protocol.md).
+    proto::vu::protocol::bit(proto::vu::protocol::kBackendReq);
 inline constexpr uint32_t kMaxQueues = 5;  // inflate, deflate, stats, free page, reporting
 
 enum class SessionState : uint8_t { Negotiating, Active, Stopped, Closing };
@@ -61,6 +66,9 @@ struct SessionInfo {
   int inflight = 0;
   bool paused = false;
   uint32_t poison_val = 0;
+  uint32_t num_pages = 0;  // balloon target (config space), 4 KiB pages
+  uint32_t actual = 0;     // what the driver says the balloon holds
+  bool backend_channel = false;
   // For the reclaim state (sampler.h).
   bool features_set = false;
   bool reporting_live = false;          // reporting ring started and enabled
@@ -94,6 +102,11 @@ class Session : public std::enable_shared_from_this<Session> {
   const std::string& name() const { return name_; }
   SessionInfo info() const;
   void set_paused(bool paused);
+  // Writes the balloon target (config num_pages, 4 KiB pages) and tells the
+  // driver through the back-end channel. The config is changed even if the
+  // notification cannot be sent (the driver reads it at its next config
+  // read); the error says why it was not sent.
+  Expected<void, std::string> set_num_pages(uint32_t pages);
 
   // Called by the queue service (pipeline threads): return a chain to the
   // used ring and notify the driver if it wants it.
@@ -124,6 +137,8 @@ class Session : public std::enable_shared_from_this<Session> {
   void wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk);
   void service_kick(uint32_t idx);
   void set_table(std::shared_ptr<const MemoryTable> t);
+  // SET_VRING_NUM/BASE/ADDR on a started ring: see session.cpp.
+  bool prepare_reconfigure(const proto::vu::Message& m, uint32_t idx, bool refuse_if_enabled);
   void reset_device();
 
   DaemonContext& ctx_;
@@ -147,6 +162,7 @@ class Session : public std::enable_shared_from_this<Session> {
   proto::balloon::Config config_{};
   proto::balloon::QueueLayout layout_{};
   std::shared_ptr<const MemoryTable> table_ = std::make_shared<MemoryTable>();
+  BackendChannel backend_;  // own lock; never taken with mu_ held
   Vring vrings_[kMaxQueues];
   int inflight_total_ = 0;
 };

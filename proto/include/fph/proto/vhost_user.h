@@ -80,6 +80,18 @@ inline constexpr uint32_t kMaxRequest = 43;
 // "SET_MEM_TABLE", or "UNKNOWN(99)" style text for ids we do not know.
 std::string request_name(uint32_t request);
 
+// Back end -> front end requests, sent on the back-end channel the front end
+// hands over with SET_BACKEND_REQ_FD (protocol feature BACKEND_REQ).
+enum class BackendRequest : uint32_t {
+  IotlbMsg = 1,
+  ConfigChangeMsg = 2,
+  VringHostNotifierMsg = 3,
+  SharedObjectAdd = 6,
+  SharedObjectRemove = 7,
+  SharedObjectLookup = 8,
+};
+std::string backend_request_name(uint32_t request);
+
 // Virtio/vhost feature bits carried in GET/SET_FEATURES.
 namespace feature {
 inline constexpr uint64_t kLogAll = 1ull << 26;            // VHOST_F_LOG_ALL

@@ -196,6 +196,9 @@ json session_json(const Session& s) {
           {"paused", i.paused},
           {"yanked", i.yanked},
           {"poison-val", i.poison_val},
+          {"num-pages", i.num_pages},
+          {"actual", i.actual},
+          {"backend-channel", i.backend_channel},
           {"counters", {{"inflight", i.inflight}, {"requests", i.requests}}}};
 }
 
@@ -283,6 +286,25 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
   };
   d.add("pause-reclaim", {{{"vm", ArgType::String, true}}, pause(true), "stop discarding for a VM"});
   d.add("resume-reclaim", {{{"vm", ArgType::String, true}}, pause(false), "discard again for a VM"});
+
+  d.add("set-num-pages",
+        {{{"vm", ArgType::String, true}, {"pages", ArgType::UnsignedInteger, true}},
+         [D](const json& args) -> AdminResult {
+           auto s = need_vm(D->server, args);
+           if (!s) return unexpected(no_vm(args["vm"].get<std::string>()));
+           const uint64_t pages = args["pages"].get<uint64_t>();
+           const SessionInfo i = s->info();
+           const uint64_t guest_pages = i.memory_bytes >> proto::balloon::kPfnShift;
+           if (pages > guest_pages || pages > UINT32_MAX)
+             return unexpected(invalid_parameter(
+                 fmt::format("argument 'pages': {} pages ({} MiB) is more than VM '{}' has ({} pages)",
+                             pages, (pages << proto::balloon::kPfnShift) >> 20, i.name, guest_pages)));
+           auto r = s->set_num_pages(static_cast<uint32_t>(pages));
+           json out = {{"num-pages", pages}, {"notified", r.has_value()}};
+           if (!r) out["reason"] = r.error();
+           return out;
+         },
+         "balloon target in 4 KiB pages (config num_pages); the driver is told over the back-end channel"});
 
   d.add("set-policy",
         {{{"node", ArgType::UnsignedInteger}, {"vm", ArgType::String}, {"mode", ArgType::String},

@@ -1,5 +1,6 @@
 #include "fph/daemon/session.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -68,6 +69,22 @@ void Session::set_paused(bool p) {
   log::info("session", "vm={} reclaim {}", name_, p ? "paused" : "resumed");
 }
 
+Expected<void, std::string> Session::set_num_pages(uint32_t pages) {
+  {
+    std::lock_guard lk(mu_);
+    config_.num_pages = pages;
+  }
+  log::info("session", "vm={} balloon target num_pages={} ({} MiB)", name_, pages,
+            (uint64_t{pages} << balloon::kPfnShift) >> 20);
+  auto r = backend_.config_changed();
+  vm_metrics_->backend_request("config_change", r.has_value());
+  if (!r) {
+    log::warn("session", "vm={} config change not notified: {}", name_, r.error());
+    return r;
+  }
+  return {};
+}
+
 SessionInfo Session::info() const {
   std::lock_guard lk(mu_);
   SessionInfo i;
@@ -80,6 +97,9 @@ SessionInfo Session::info() const {
   i.inflight = inflight_total_;
   i.paused = paused_;
   i.poison_val = config_.poison_val;
+  i.num_pages = config_.num_pages;
+  i.actual = config_.actual;
+  i.backend_channel = backend_.attached();
   i.features_set = features_set_;
   if (layout_.reporting >= 0 && layout_.reporting < static_cast<int>(kMaxQueues)) {
     const Vring& r = vrings_[layout_.reporting];
@@ -226,6 +246,38 @@ void Session::wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk) {
   cv_.wait(lk, [&] { return vrings_[idx].inflight == 0 || yanked_; });
 }
 
+// SET_VRING_NUM/BASE/ADDR arrive for a ring that is still started.
+//
+// QEMU always stops a ring (GET_VRING_BASE) before it sets it up again.
+// Linux's virtio_uml never sends GET_VRING_BASE: when the balloon driver is
+// unloaded (or the guest resets the device) it only disables each ring
+// (SET_VRING_ENABLE 0), and when the driver comes back it sends a new memory
+// table and sets every ring up again from scratch (docs/protocol.md, "Front
+// ends seen in practice"). A started but *disabled* ring is therefore stopped
+// here exactly as GET_VRING_BASE would stop it: its in-flight requests are
+// returned first, so nothing is discarded for the old ring afterwards. A ring
+// that is started and enabled is live: SET_VRING_NUM on it is refused
+// (`ring_busy`); BASE and ADDR keep their earlier meaning (ignored while
+// running / new addresses taken at the next start). Returns false if the
+// message was refused (already answered).
+bool Session::prepare_reconfigure(const vu::Message& m, uint32_t idx, bool refuse_if_enabled) {
+  {
+    std::lock_guard lk(mu_);
+    const Vring& v = vrings_[idx];
+    if (!v.started) return true;
+    if (v.enabled) {
+      if (!refuse_if_enabled) return true;
+      fail(m, "ring_busy", fmt::format("vring {} is started and enabled", idx));
+      send_ack(m, false);
+      return false;
+    }
+  }
+  log::info("session", "vm={} vring {} set up again while started and disabled: stopping it first",
+            name_, idx);
+  stop_ring(idx);
+  return true;
+}
+
 void Session::start_ring(uint32_t idx) {
   std::lock_guard lk(mu_);
   Vring& v = vrings_[idx];
@@ -312,6 +364,9 @@ void Session::return_chain(uint32_t queue, uint16_t head) {
   v.ring.push_used(head, 0);  // the device writes nothing into reported pages
   v.requests++;
   if (v.call && v.ring.should_notify(old)) {
+    // The call fd is an eventfd (QEMU) or a pipe (Linux virtio_uml). It is
+    // non-blocking: EAGAIN means a notification is already pending, EPIPE
+    // that the driver closed its end (unloaded); neither is worth waiting for.
     uint64_t one = 1;
     (void)!::write(v.call.get(), &one, sizeof one);
   }
@@ -488,12 +543,8 @@ bool Session::handle(vu::Message& m) {
         send_ack(m, false);
         return true;
       }
+      if (!prepare_reconfigure(m, s->index, /*refuse_if_enabled=*/true)) return true;
       std::lock_guard lk(mu_);
-      if (vrings_[s->index].started) {
-        fail(m, "ring_busy", fmt::format("vring {} is started", s->index));
-        send_ack(m, false);
-        return true;
-      }
       vrings_[s->index].num = s->num;
       break;
     }
@@ -510,6 +561,7 @@ bool Session::handle(vu::Message& m) {
         send_ack(m, false);
         return true;
       }
+      if (!prepare_reconfigure(m, a->index, /*refuse_if_enabled=*/false)) return true;
       {
         std::lock_guard lk(mu_);
         vrings_[a->index].addr = *a;
@@ -527,6 +579,7 @@ bool Session::handle(vu::Message& m) {
         send_ack(m, false);
         return true;
       }
+      if (!prepare_reconfigure(m, s->index, /*refuse_if_enabled=*/false)) return true;
       std::lock_guard lk(mu_);
       vrings_[s->index].base = static_cast<uint16_t>(s->num);
       break;
@@ -573,13 +626,31 @@ bool Session::handle(vu::Message& m) {
         // A kick may have been missed while the ring was being set up.
         service_kick(p->index);
       } else {
+        UniqueFd fd = p->no_fd ? UniqueFd() : std::move(m.fds[0]);
+        // Never block a pipeline thread on a driver that does not read its
+        // call fd (see return_chain).
+        if (fd && static_cast<Request>(req) == Request::SetVringCall) {
+          const int fl = ::fcntl(fd.get(), F_GETFL);
+          if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) < 0) {
+            fail(m, "bad_payload", fmt::format("vring {} call fd: fcntl: {}", p->index,
+                                               std::strerror(errno)));
+            send_ack(m, false);
+            return true;
+          }
+        }
         std::lock_guard lk(mu_);
         auto& slot = static_cast<Request>(req) == Request::SetVringCall ? vrings_[p->index].call
                                                                          : vrings_[p->index].err;
-        slot = p->no_fd ? UniqueFd() : std::move(m.fds[0]);
+        slot = std::move(fd);
       }
       break;
     }
+
+    case Request::SetBackendReqFd:
+      // The payload is empty (vu-doc); the fd count was checked above.
+      backend_.attach(std::move(m.fds[0]));
+      log::info("session", "vm={} back-end channel attached", name_);
+      break;
 
     case Request::SetVringEnable: {
       auto s = vu::parse_vring_state(payload);

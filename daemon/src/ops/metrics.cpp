@@ -78,6 +78,11 @@ Metrics::Metrics(const std::string& bind, int nodes)
                            .Name("fphd_protocol_errors_total")
                            .Help("Malformed or refused vhost-user messages and virtqueue chains, by VM and reason.")
                            .Register(*registry_)),
+      backend_requests_(BuildCounter()
+                            .Name("fphd_backend_requests_total")
+                            .Help("Requests fphd sent to a front end on its back-end channel (config_change), by VM, "
+                                  "request and outcome (sent, failed).")
+                            .Register(*registry_)),
       syscalls_(BuildCounter()
                     .Name("fphd_discard_syscalls_total")
                     .Help("Discard syscalls issued (including retries), by node and method.")
@@ -292,6 +297,7 @@ VmMetrics::~VmMetrics() {
     if (c) m_.skipped_bytes_.Remove(c);
   for (auto* c : requests_) m_.requests_.Remove(c);
   for (auto& [k, c] : errors_) m_.protocol_errors_.Remove(c);
+  for (auto& [k, c] : backend_requests_) m_.backend_requests_.Remove(c);
   m_.inflight_.Remove(inflight_);
   m_.guest_memory_.Remove(guest_memory_);
   m_.resident_.Remove(resident_);
@@ -350,6 +356,18 @@ void VmMetrics::protocol_error(const std::string& reason) {
   auto it = errors_.find(reason);
   if (it == errors_.end())
     it = errors_.emplace(reason, &m_.protocol_errors_.Add({{"vm", vm_}, {"reason", reason}})).first;
+  it->second->Increment();
+}
+
+void VmMetrics::backend_request(const std::string& request, bool sent) {
+  std::lock_guard lk(err_mu_);
+  auto key = std::make_pair(request, sent);
+  auto it = backend_requests_.find(key);
+  if (it == backend_requests_.end()) {
+    auto& c = m_.backend_requests_.Add(
+        {{"vm", vm_}, {"request", request}, {"outcome", sent ? "sent" : "failed"}});
+    it = backend_requests_.emplace(key, &c).first;
+  }
   it->second->Increment();
 }
 
