@@ -13,6 +13,7 @@ PACKAGES=(
   curl python3 python3-yaml
   prometheus
   gnuplot-nox
+  user-mode-linux busybox-static
 )
 
 SUDO=""
