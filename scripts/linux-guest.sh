@@ -241,7 +241,8 @@ cmd_boot() {
   # We own temporary directories: run UML as a child and clean up after it.
   local pid stty_saved=""
   [ -t 0 ] && stty_saved=$(stty -g)
-  trap 'kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null' INT TERM
+  # UML does not die of SIGTERM: its helpers are its children, take them too.
+  trap 'pkill -KILL -P "$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null' INT TERM HUP
   "${cmd[@]}" <&0 &
   pid=$!
   echo "FPH uml pid=$pid tmpdir=$tmp"
