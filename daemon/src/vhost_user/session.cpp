@@ -250,30 +250,43 @@ void Session::wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk) {
 //
 // QEMU always stops a ring (GET_VRING_BASE) before it sets it up again.
 // Linux's virtio_uml never sends GET_VRING_BASE: when the balloon driver is
-// unloaded (or the guest resets the device) it only disables each ring
-// (SET_VRING_ENABLE 0), and when the driver comes back it sends a new memory
-// table and sets every ring up again from scratch (docs/protocol.md, "Front
-// ends seen in practice"). A started but *disabled* ring is therefore stopped
-// here exactly as GET_VRING_BASE would stop it: its in-flight requests are
-// returned first, so nothing is discarded for the old ring afterwards. A ring
-// that is started and enabled is live: SET_VRING_NUM on it is refused
-// (`ring_busy`); BASE and ADDR keep their earlier meaning (ignored while
-// running / new addresses taken at the next start). Returns false if the
-// message was refused (already answered).
+// unloaded and loaded again (or the guest resets the device) it sends
+// SET_FEATURES, a new memory table and sets every ring up again from scratch
+// (docs/protocol.md, "Front ends seen in practice"). It does not ack
+// VHOST_USER_F_PROTOCOL_FEATURES, so its rings are enabled from the start and
+// it has no message to disable them either. A ring the front end cannot
+// stop otherwise (no PROTOCOL_FEATURES), or that it has disabled, is
+// therefore stopped here exactly as GET_VRING_BASE would stop it: its
+// in-flight requests are returned first, so nothing is discarded for the old
+// ring afterwards, and the new ring is checked when it starts. A ring that
+// is started and enabled by a front end that could have stopped it is live:
+// SET_VRING_NUM on it is refused (`ring_busy`); BASE and ADDR keep their
+// earlier meaning (ignored while running / new addresses taken at the next
+// start). Returns false if the message was refused (already answered).
 bool Session::prepare_reconfigure(const vu::Message& m, uint32_t idx, bool refuse_if_enabled) {
   {
     std::lock_guard lk(mu_);
     const Vring& v = vrings_[idx];
     if (!v.started) return true;
-    if (v.enabled) {
+    if (v.enabled && (features_ & vu::feature::kProtocolFeatures)) {
       if (!refuse_if_enabled) return true;
       fail(m, "ring_busy", fmt::format("vring {} is started and enabled", idx));
       send_ack(m, false);
       return false;
     }
   }
-  log::info("session", "vm={} vring {} set up again while started and disabled: stopping it first",
-            name_, idx);
+  // The driver reset the device without telling us (virtio_uml's reset is
+  // local) and may already have freed the ring's memory: from now on fphd
+  // must not write the old used ring. Chains still out (the held stats
+  // buffer, a reporting request of a driver that did not wait) are dropped,
+  // not returned. Seen with Linux 6.1 UML: returning the held stats buffer
+  // into the old ring panicked the guest at the next `insmod virtio_balloon`.
+  {
+    std::lock_guard lk(mu_);
+    vrings_[idx].abandoned = true;
+  }
+  log::info("session", "vm={} vring {} set up again while started: the driver reset it; stopping it "
+            "without writing the old ring", name_, idx);
   stop_ring(idx);
   return true;
 }
@@ -305,6 +318,7 @@ void Session::start_ring(uint32_t idx) {
   v.ring_regions = table_->regions();
   v.started = true;
   v.ever_started = true;
+  v.abandoned = false;
   log::debug("session", "vm={} vring {} ({}) started: num={} base={}", name_, idx,
              balloon::to_string(layout_.role(idx)), num, v.base);
 }
@@ -361,9 +375,12 @@ void Session::return_chain(uint32_t queue, uint16_t head) {
   std::lock_guard lk(mu_);
   Vring& v = vrings_[queue];
   const uint16_t old = v.ring.used_idx();
-  v.ring.push_used(head, 0);  // the device writes nothing into reported pages
+  // The device writes nothing into reported pages: used length 0. An
+  // abandoned ring (the driver reset it, see prepare_reconfigure) is not
+  // written at all.
+  if (!v.abandoned) v.ring.push_used(head, 0);
   v.requests++;
-  if (v.call && v.ring.should_notify(old)) {
+  if (!v.abandoned && v.call && v.ring.should_notify(old)) {
     // The call fd is an eventfd (QEMU) or a pipe (Linux virtio_uml). It is
     // non-blocking: EAGAIN means a notification is already pending, EPIPE
     // that the driver closed its end (unloaded); neither is worth waiting for.

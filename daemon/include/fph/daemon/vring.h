@@ -25,6 +25,7 @@ struct Vring {
   bool started = false;       // kick fd received and ring translated; stops on GET_VRING_BASE
   bool enabled = false;       // SET_VRING_ENABLE
   bool ever_started = false;  // started since the last device reset (reclaim state)
+  bool abandoned = false;     // the driver reset the ring behind our back: never write it again
   proto::vq::DeviceRing ring;
   // Keeps the regions holding the ring mapped while the ring is started,
   // even if the front end removes them meanwhile.
