@@ -5,8 +5,9 @@
 #                backend_channel.cpp (back end -> front end requests),
 #                guest_memory.cpp (mapped regions, address translation)
 #   balloon/     the virtio-balloon device: queue_service.cpp (validate chains,
-#                translate ranges, submit, return chains), the reclaim state
-#                and refault samplers
+#                translate ranges, submit, return chains), stats_service.cpp
+#                (the stats queue: parse and hold the driver's stats buffer),
+#                the reclaim state and refault samplers
 #   ../reclaim   node pipelines (node_pipeline.cpp) and discard primitives (discard.cpp)
 #   ops/         operating it: metrics, admin socket, config, systemd, run()
 pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
@@ -17,6 +18,7 @@ add_library(fph_daemon STATIC
   src/vhost_user/backend_channel.cpp
   src/vhost_user/guest_memory.cpp
   src/balloon/queue_service.cpp
+  src/balloon/stats_service.cpp
   src/balloon/refault_sampler.cpp
   src/balloon/sampler.cpp
   src/ops/metrics.cpp

@@ -104,7 +104,18 @@ panel("Requests by outcome", [
 ], unit="reqps")
 panel("Negotiated features", [
     (f"max by (vm) (fphd_vm_features{{{VM}}})", "{{vm}}"),
-], kind="table", desc="Feature bits each VM's front end acked: bit 16 PAGE_POISON, bit 5 FREE_PAGE_REPORTING, bit 32 VERSION_1 (as a number).")
+], kind="table", desc="Feature bits each VM's front end acked: bit 1 STATS_VQ, bit 4 PAGE_POISON, bit 5 FREE_PAGE_REPORTING, bit 32 VERSION_1 (as a number).")
+panel("Guest free memory and headroom (stats queue)", [
+    (f"sum by (vm) (fphd_guest_free_bytes{{{VM}}})", "{{vm}} free (guest says)"),
+    (f"sum by (vm) (fphd_guest_available_bytes{{{VM}}})", "{{vm}} available (guest says)"),
+    (f"sum by (vm) (fphd_guest_unreported_free_bytes{{{VM}}})", "{{vm}} free but still backed (headroom)"),
+], unit="bytes", desc="What each guest reports on the virtio-balloon stats queue, and the headroom: memory the guest calls free whose "
+   "host backing is still held, max(0, free - (guest memory - resident)). Alert FphdGuestFreeMemoryNotReturned watches it.")
+panel("Guest major faults and swap (stats queue)", [
+    (f"sum by (vm) (rate(fphd_guest_major_faults{{{VM}}}[{RI}]))", "{{vm}} major faults/s"),
+    (f"sum by (vm) (rate(fphd_guest_swap_in_bytes{{{VM}}}[{RI}]))", "{{vm}} swap in B/s"),
+], desc="Guest-side paging as the guest reports it: a guest short of memory (balloon too tight, or too much given back) pages and swaps. "
+   "Guest counters are relayed as gauges; rate() treats a guest reboot as a reset.")
 panel("Protocol errors", [
     (f"sum by (vm, reason) (increase(fphd_protocol_errors_total{{{SEL}}}[{RI}]))", "{{vm}} {{reason}}"),
 ], desc="Malformed or refused messages and chains (docs/protocol.md#bad-input).")

@@ -66,11 +66,18 @@ void print_human(const std::string& cmd, const json& ret) {
     for (const auto& s : ret) {
       std::string feats;
       for (const auto& f : s.value("feature-names", json::array())) feats += (feats.empty() ? "" : ",") + f.get<std::string>();
+      // What the guest says is free (stats queue) and the part of it whose
+      // backing the host still holds ("-": no stats from this guest).
+      const json gs = s.value("guest-stats", json());
+      const json gfree = gs.is_object() ? gs["values"].value("memfree", json()) : json();
+      const json headroom = gs.is_object() ? gs.value("unreported-free", json()) : json();
       rows.push_back({str(s["name"]), str(s["state"]), str(s["regions"]), human_bytes(s["memory"]),
-                      str(s["counters"]["inflight"]), str(s["counters"]["requests"]), str(s["paused"]), feats});
+                      human_bytes(gfree), human_bytes(headroom), str(s["counters"]["inflight"]),
+                      str(s["counters"]["requests"]), str(s["paused"]), feats});
     }
     if (rows.empty()) std::cout << "no sessions\n";
-    else table({"NAME", "STATE", "REGIONS", "MEMORY", "INFLIGHT", "REQUESTS", "PAUSED", "FEATURES"}, rows);
+    else table({"NAME", "STATE", "REGIONS", "MEMORY", "GUEST-FREE", "UNREPORTED", "INFLIGHT", "REQUESTS", "PAUSED",
+                "FEATURES"}, rows);
   } else if (cmd == "query-nodes") {
     std::vector<std::vector<std::string>> rows;
     for (const auto& n : ret) {

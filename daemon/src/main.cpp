@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> listen, vms, attach;
   std::string metrics_bind, log_level, private_mode, synthetic, admin_socket;
   int threads_per_node = 0;
+  int stats_interval = 5;
   uint64_t rate_limit = 0;
   bool prefer_madvise = false, check_config = false;
   app.add_option("-c,--config", config_path, "TOML configuration file (see etc/fphd.toml); flags override it")
@@ -42,6 +43,10 @@ int main(int argc, char** argv) {
   auto* o_metrics = app.add_option("--metrics", metrics_bind,
                                    "Prometheus endpoint ADDRESS:PORT (port 0: any; 'off': none) [127.0.0.1:9477]");
   auto* o_threads = app.add_option("--threads-per-node", threads_per_node, "Discard threads per NUMA node (0: its cores)");
+  auto* o_stats = app.add_option("--stats-interval", stats_interval,
+                                 "Ask guests for memory stats (STATS_VQ) every N seconds; 0: do not offer STATS_VQ [5]")
+                      ->check(CLI::Range(0, 86400))
+                      ->type_name("SECONDS");
   auto* o_mode = app.add_option("--private-mode", private_mode,
                                 "Private memory policy: auto, eager (MADV_DONTNEED), lazy (MADV_FREE) [auto]")
                      ->check(CLI::IsMember({"auto", "eager", "lazy"}));
@@ -79,6 +84,7 @@ int main(int argc, char** argv) {
   if (o_admin->count()) cfg.admin_socket = admin_socket;
   if (o_metrics->count()) cfg.metrics = metrics_bind;
   if (o_threads->count()) cfg.threads_per_node = threads_per_node;
+  if (o_stats->count()) cfg.stats_interval_seconds = stats_interval;
   if (o_synth->count()) cfg.synthetic_topology = synthetic;
   if (o_log->count()) cfg.log_level = log_level;
   if (!bad.empty()) {

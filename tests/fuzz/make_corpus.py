@@ -99,3 +99,21 @@ admin = {
 }
 for name, data in admin.items():
     write("fuzz_admin", name, data)
+
+# ---- fuzz_balloon_stats: one stats buffer, {le16 tag; le64 val} * n ----
+def stats(*entries):
+    return b"".join(struct.pack("<HQ", t, v) for t, v in entries)
+
+
+linux61 = [(0, 0), (1, 0), (2, 12), (3, 34567), (4, 400 << 20), (5, 512 << 20),
+           (6, 420 << 20), (7, 8 << 20), (8, 0), (9, 0)]
+balloon_stats = {
+    "linux_6_1": stats(*linux61),
+    "linux_new": stats(*(linux61 + [(t, t) for t in range(10, 16)])),
+    "unknown_tag": stats((4, 1 << 20), (99, 7)),
+    "duplicate": stats((4, 1), (4, 2)),
+    "empty": b"",
+    "odd_length": stats((4, 1))[:-1],
+}
+for name, data in balloon_stats.items():
+    write("fuzz_balloon_stats", name, data)

@@ -20,10 +20,6 @@ size_t RequestPlan::targets() const {
   return n;
 }
 
-namespace {
-
-constexpr uint64_t kHostPage = 4096;
-
 // Metric label for a chain error (the proto text is for humans).
 std::string chain_reason(vq::ChainErrc c) {
   switch (c) {
@@ -41,6 +37,10 @@ std::string chain_reason(vq::ChainErrc c) {
   }
   return "chain_invalid";
 }
+
+namespace {
+
+constexpr uint64_t kHostPage = 4096;
 
 int node_for(const Translation& t, const reclaim::Topology& topo) {
   if (t.region->node >= 0) return t.region->node;

@@ -51,8 +51,14 @@ void sample_session(Session& s) {
   const auto st = reclaim_status(info, vm.misaligned_bytes(), vm.discarded_bytes());
   vm.set_reclaim_state(st.state, st.reason);
   vm.set_features(info.features);
-  vm.set_resident(table_resident_bytes(*s.table()));
+  const uint64_t resident = table_resident_bytes(*s.table());
+  vm.set_resident(resident);
   vm.refaulted(s.refaults().sample());
+  // Headroom, once the guest has told us what it has free (stats queue).
+  if (auto gs = s.stats().latest()) {
+    if (auto free = gs->stats.get(balloon::StatTag::MemFree))
+      vm.set_unreported_free(unreported_free_bytes(*free, info.memory_bytes, resident));
+  }
 }
 
 void Sampler::sample_once(const std::vector<std::shared_ptr<Session>>& sessions) {

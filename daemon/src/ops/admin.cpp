@@ -8,10 +8,14 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include "fph/common/log.h"
+#include "fph/daemon/sampler.h"
 #include "fph/daemon/server.h"
+#include "fph/daemon/stats_service.h"
 #include "fph/proto/balloon.h"
 #include "fph/proto/vhost_user.h"
 #include "fph/reclaim/node_pipeline.h"
@@ -174,6 +178,7 @@ json features_json(uint64_t f) {
   namespace b = proto::balloon;
   json names = json::array();
   if (f & b::kFVersion1) names.push_back("VERSION_1");
+  if (f & b::kFStatsVq) names.push_back("STATS_VQ");
   if (f & b::kFIndirectDesc) names.push_back("INDIRECT_DESC");
   if (f & b::kFPagePoison) names.push_back("PAGE_POISON");
   if (f & b::kFReporting) names.push_back("FREE_PAGE_REPORTING");
@@ -182,6 +187,23 @@ json features_json(uint64_t f) {
 }
 
 std::string hex(uint64_t v) { return fmt::format("0x{:x}", v); }
+
+// The latest stats the guest sent on the stats queue (null: none yet, or
+// STATS_VQ not negotiated), and the headroom derived from them.
+json guest_stats_json(const Session& s, const SessionInfo& i) {
+  namespace b = proto::balloon;
+  auto gs = s.stats().latest();
+  if (!gs) return nullptr;
+  json j = json::object();
+  for (size_t t = 0; t < b::kStatTags; ++t)
+    if (gs->stats.values[t]) j[std::string(b::to_string(static_cast<b::StatTag>(t)))] = *gs->stats.values[t];
+  const double age = std::chrono::duration<double>(std::chrono::system_clock::now() - gs->at).count();
+  json out = {{"values", j}, {"age-seconds", std::round(age * 10) / 10}, {"updates", gs->updates},
+              {"rejected", gs->rejected}};
+  if (auto free = gs->stats.get(b::StatTag::MemFree))
+    out["unreported-free"] = unreported_free_bytes(*free, i.memory_bytes, table_resident_bytes(*s.table()));
+  return out;
+}
 
 json session_json(const Session& s) {
   const SessionInfo i = s.info();
@@ -199,6 +221,7 @@ json session_json(const Session& s) {
           {"num-pages", i.num_pages},
           {"actual", i.actual},
           {"backend-channel", i.backend_channel},
+          {"guest-stats", guest_stats_json(s, i)},
           {"counters", {{"inflight", i.inflight}, {"requests", i.requests}}}};
 }
 

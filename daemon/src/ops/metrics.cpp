@@ -163,6 +163,23 @@ Metrics::Metrics(const std::string& bind, int nodes)
                                .Help("1 if the node is under pressure by its discard policy (free fraction below the "
                                      "watermark or PSI above the threshold), else 0.")
                                .Register(*registry_)),
+      stats_updates_(BuildCounter()
+                         .Name("fphd_guest_stats_updates_total")
+                         .Help("Valid stats buffers the guest sent on the stats queue, by VM.")
+                         .Register(*registry_)),
+      stats_unknown_tags_(BuildCounter()
+                              .Name("fphd_guest_stats_unknown_tags_total")
+                              .Help("Stats entries with a tag fphd does not know (ignored), by VM.")
+                              .Register(*registry_)),
+      stats_timestamp_(BuildGauge()
+                           .Name("fphd_guest_stats_timestamp_seconds")
+                           .Help("Unix time of the VM's latest valid stats buffer.")
+                           .Register(*registry_)),
+      unreported_free_(BuildGauge()
+                           .Name("fphd_guest_unreported_free_bytes")
+                           .Help("Headroom: memory the guest calls free (stats queue) whose host backing is still "
+                                 "held, max(0, guest free - (guest memory - resident)), by VM.")
+                           .Register(*registry_)),
       request_latency_(BuildHistogram()
                            .Name("fphd_request_duration_seconds")
                            .Help("Time from taking a reporting request off the ring to returning it, by node.")
@@ -172,6 +189,45 @@ Metrics::Metrics(const std::string& bind, int nodes)
                             .Help("Time spent in discard syscalls per pipeline batch, by node.")
                             .Register(*registry_)) {
   build_info_.Add({{"version", FPH_VERSION}}).Set(1);
+  // One gauge family per stats tag (docs/metrics.md "What the guest says").
+  // Guest-side event counts are gauges, not counters: fphd only relays what
+  // the guest claims and cannot promise they never go down (a guest reboot
+  // restarts them, a guest may lie); rate() and increase() still treat a
+  // drop as a reset.
+  using T = proto::balloon::StatTag;
+  auto* swap_in = &BuildGauge().Name("fphd_guest_swap_in_bytes").Help("Guest: bytes swapped in since guest boot (stats queue SWAP_IN; a guest-side count relayed as a gauge).").Register(*registry_);
+  auto* swap_out = &BuildGauge().Name("fphd_guest_swap_out_bytes").Help("Guest: bytes swapped out since guest boot (SWAP_OUT; a guest-side count relayed as a gauge).").Register(*registry_);
+  auto* majflt = &BuildGauge().Name("fphd_guest_major_faults").Help("Guest: major page faults since guest boot (MAJFLT; a guest-side count relayed as a gauge).").Register(*registry_);
+  auto* minflt = &BuildGauge().Name("fphd_guest_minor_faults").Help("Guest: minor page faults since guest boot (MINFLT; a guest-side count relayed as a gauge).").Register(*registry_);
+  auto* memfree = &BuildGauge().Name("fphd_guest_free_bytes").Help("Guest: memory not used at all (stats queue MEMFREE).").Register(*registry_);
+  auto* memtot = &BuildGauge().Name("fphd_guest_memtotal_bytes").Help("Guest: memory the guest can use (MEMTOT, its MemTotal).").Register(*registry_);
+  auto* avail = &BuildGauge().Name("fphd_guest_available_bytes").Help("Guest: memory available for new work without swapping (AVAIL, its MemAvailable).").Register(*registry_);
+  auto* caches = &BuildGauge().Name("fphd_guest_caches_bytes").Help("Guest: disk caches that can be dropped quickly (CACHES).").Register(*registry_);
+  auto* htlb_alloc = &BuildGauge().Name("fphd_guest_hugetlb_allocations").Help("Guest: hugetlb page allocations since guest boot (HTLB_PGALLOC; relayed as a gauge).").Register(*registry_);
+  auto* htlb_fail = &BuildGauge().Name("fphd_guest_hugetlb_allocation_failures").Help("Guest: hugetlb page allocation failures since guest boot (HTLB_PGFAIL; relayed as a gauge).").Register(*registry_);
+  auto* oom = &BuildGauge().Name("fphd_guest_oom_kills").Help("Guest: OOM killer invocations since guest boot (OOM_KILLS; relayed as a gauge).").Register(*registry_);
+  auto* stalls = &BuildGauge().Name("fphd_guest_allocation_stalls").Help("Guest: allocation stalls since guest boot (ALLOC_STALL; relayed as a gauge).").Register(*registry_);
+  auto* scanned = &BuildGauge().Name("fphd_guest_scanned_pages").Help("Guest: pages scanned by reclaim since guest boot, by reclaimer (kswapd: ASYNC_SCAN, direct: DIRECT_SCAN; relayed as a gauge).").Register(*registry_);
+  auto* stolen = &BuildGauge().Name("fphd_guest_reclaimed_pages").Help("Guest: pages its own reclaim freed since guest boot, by reclaimer (kswapd: ASYNC_RECLAIM, direct: DIRECT_RECLAIM; relayed as a gauge).").Register(*registry_);
+  auto set = [&](T t, prometheus::Family<prometheus::Gauge>* f, std::map<std::string, std::string> l = {}) {
+    guest_stat_series_[static_cast<size_t>(t)] = {f, std::move(l)};
+  };
+  set(T::SwapIn, swap_in);
+  set(T::SwapOut, swap_out);
+  set(T::MajorFaults, majflt);
+  set(T::MinorFaults, minflt);
+  set(T::MemFree, memfree);
+  set(T::MemTotal, memtot);
+  set(T::Available, avail);
+  set(T::Caches, caches);
+  set(T::HugetlbAllocs, htlb_alloc);
+  set(T::HugetlbFails, htlb_fail);
+  set(T::OomKills, oom);
+  set(T::AllocStalls, stalls);
+  set(T::AsyncScan, scanned, {{"reclaimer", "kswapd"}});
+  set(T::DirectScan, scanned, {{"reclaimer", "direct"}});
+  set(T::AsyncReclaim, stolen, {{"reclaimer", "kswapd"}});
+  set(T::DirectReclaim, stolen, {{"reclaimer", "direct"}});
   sessions_gauge_ = &sessions_.Add({});
   sessions_opened_total_ = &sessions_opened_.Add({});
   for (int n = 0; n < nodes; ++n) {
@@ -307,6 +363,12 @@ VmMetrics::~VmMetrics() {
   for (auto* c : freed_nothing_) m_.freed_nothing_.Remove(c);
   for (auto* g : state_) m_.reclaim_state_.Remove(g);
   for (auto* g : disabled_) m_.reclaim_disabled_.Remove(g);
+  for (size_t t = 0; t < guest_stat_.size(); ++t)
+    if (guest_stat_[t]) m_.guest_stat_series_[t].family->Remove(guest_stat_[t]);
+  if (stats_updates_) m_.stats_updates_.Remove(stats_updates_);
+  if (stats_unknown_) m_.stats_unknown_tags_.Remove(stats_unknown_);
+  if (stats_time_) m_.stats_timestamp_.Remove(stats_time_);
+  if (unreported_free_) m_.unreported_free_.Remove(unreported_free_);
 }
 
 void VmMetrics::reported(int node, uint64_t bytes) {
@@ -395,6 +457,38 @@ void VmMetrics::set_reclaim_state(std::optional<ReclaimState> state,
     state_[i]->Set(state && static_cast<size_t>(*state) == i ? 1 : 0);
   for (size_t i = 0; i < kDisabledReasons; ++i)
     disabled_[i]->Set(state == ReclaimState::Disabled && reason && static_cast<size_t>(*reason) == i ? 1 : 0);
+}
+
+}  // namespace fph::daemon
+
+namespace fph::daemon {
+
+void VmMetrics::guest_stats(const proto::balloon::Stats& s, uint64_t unknown_tags) {
+  std::lock_guard lk(lazy_mu_);
+  for (size_t t = 0; t < proto::balloon::kStatTags; ++t) {
+    if (!s.values[t]) continue;
+    auto& g = guest_stat_[t];
+    if (!g) {
+      auto labels = m_.guest_stat_series_[t].labels;
+      labels["vm"] = vm_;
+      g = &m_.guest_stat_series_[t].family->Add(labels);
+    }
+    g->Set(static_cast<double>(*s.values[t]));
+  }
+  if (!stats_updates_) {
+    stats_updates_ = &m_.stats_updates_.Add({{"vm", vm_}});
+    stats_unknown_ = &m_.stats_unknown_tags_.Add({{"vm", vm_}});
+    stats_time_ = &m_.stats_timestamp_.Add({{"vm", vm_}});
+  }
+  stats_updates_->Increment();
+  if (unknown_tags) stats_unknown_->Increment(static_cast<double>(unknown_tags));
+  stats_time_->SetToCurrentTime();
+}
+
+void VmMetrics::set_unreported_free(uint64_t bytes) {
+  std::lock_guard lk(lazy_mu_);
+  if (!unreported_free_) unreported_free_ = &m_.unreported_free_.Add({{"vm", vm_}});
+  unreported_free_->Set(static_cast<double>(bytes));
 }
 
 }  // namespace fph::daemon

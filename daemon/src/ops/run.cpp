@@ -115,7 +115,7 @@ int run_daemon(RunOptions opts) {
     return 2;
   }
   reclaim::NodePipelines pipelines(topo, discarder, policy, probe, popts);
-  DaemonContext ctx{topo, pipelines, *metrics};
+  DaemonContext ctx{topo, pipelines, *metrics, std::chrono::seconds(cfg.stats_interval_seconds)};
   Server server(ctx, scfg);
   if (auto r = server.start(); !r) {
     std::cerr << "fphd: " << r.error() << "\n";

@@ -30,6 +30,10 @@ std::string_view to_string(SessionState s) {
   return "?";
 }
 
+uint64_t offered_features(const DaemonContext& ctx) {
+  return kOfferedFeatures | (ctx.stats_interval.count() > 0 ? balloon::kFStatsVq : 0);
+}
+
 Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
     : ctx_(ctx),
       sock_(std::move(sock)),
@@ -94,7 +98,7 @@ SessionInfo Session::info() const {
   i.status = status_;
   i.regions = table_->regions().size();
   i.memory_bytes = table_->total_bytes();
-  i.inflight = inflight_total_;
+  i.inflight = exported_inflight_locked();
   i.paused = paused_;
   i.poison_val = config_.poison_val;
   i.num_pages = config_.num_pages;
@@ -108,6 +112,8 @@ SessionInfo Session::info() const {
   }
   for (const auto& r : table_->regions()) i.max_page_size = std::max(i.max_page_size, r->page_size);
   i.yanked = yanked_;
+  i.stats_negotiated = features_ & balloon::kFStatsVq;
+  i.stats_held = stats_.holding_locked();
   bool any_started = false;
   for (const auto& v : vrings_) {
     i.requests += v.requests;
@@ -148,6 +154,7 @@ void Session::run() {
   if (!stopping_ || yanked_) cancel_->store(true);
   ::shutdown(sock_.get(), SHUT_RDWR);  // the peer sees EOF now, not when we are destroyed
   std::unique_lock lk(mu_);
+  release_stats_locked(-1);  // a held stats buffer is never waited for
   for (auto& v : vrings_) v.started = false;
   cv_.wait(lk, [&] { return inflight_total_ == 0; });
   log::info("session", "vm={} disconnected", name_);
@@ -167,13 +174,23 @@ bool Session::serve_one() {
       }
     }
   }
-  int n = ::poll(fds.data(), fds.size(), -1);
+  // The stats queue's timer: wake up when the held stats buffer is due.
+  int timeout_ms = -1;
+  {
+    std::lock_guard lk(mu_);
+    if (auto due = stats_.deadline_locked()) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(*due - StatsService::Clock::now());
+      timeout_ms = static_cast<int>(std::clamp<int64_t>(left.count(), 0, 60'000));
+    }
+  }
+  int n = ::poll(fds.data(), fds.size(), timeout_ms);
   if (n < 0) {
     if (errno == EINTR) return true;
     log::error("session", "vm={} poll: {}", name_, std::strerror(errno));
     return false;
   }
   if (fds[1].revents) return false;  // request_stop
+  request_stats_if_due();
   for (size_t i = 2; i < fds.size(); ++i) {
     if (fds[i].revents & POLLIN) {
       uint64_t v;
@@ -323,9 +340,32 @@ void Session::start_ring(uint32_t idx) {
              balloon::to_string(layout_.role(idx)), num, v.base);
 }
 
+void Session::request_stats_if_due() {
+  // Asking the driver for fresh stats = returning its buffer (virtio 1.2
+  // 5.5.6.3): it refills the buffer, adds it again and kicks.
+  std::lock_guard lk(mu_);
+  if (auto h = stats_.take_due_locked(StatsService::Clock::now())) {
+    log::debug("session", "vm={} vring {}: requesting guest stats", name_, h->queue);
+    return_chain_locked(h->queue, h->head);
+  }
+}
+
+void Session::release_stats_locked(int idx) {
+  if (auto h = stats_.take_held_locked(idx)) return_chain_locked(h->queue, h->head);
+}
+
+int Session::exported_inflight_locked() const {
+  int n = inflight_total_;
+  if (layout_.stats >= 0 && layout_.stats < static_cast<int>(kMaxQueues)) n -= vrings_[layout_.stats].inflight;
+  return n;
+}
+
 void Session::stop_ring(uint32_t idx) {
   std::unique_lock lk(mu_);
   Vring& v = vrings_[idx];
+  // The stats queue's buffer is held until the next request: return it now,
+  // it is not something to wait for.
+  release_stats_locked(static_cast<int>(idx));
   // GET_VRING_BASE: every taken request is returned before the ring stops
   // (vu-doc: finish in-flight requests before stopping), so the driver never
   // waits forever and nothing is discarded after the state is captured.
@@ -358,7 +398,9 @@ void Session::service_kick(uint32_t idx) {
     table = table_;
     role = layout_.role(idx);
   }
-  if (!service_queue(*this, idx, role, vrings_[idx], mu_, table)) {
+  const bool ok = role == balloon::QueueRole::Stats ? stats_.service(*this, idx, vrings_[idx], mu_, table, ctx_.stats_interval)
+                                                    : service_queue(*this, idx, role, vrings_[idx], mu_, table);
+  if (!ok) {
     log::error("session", "vm={} vring {} is broken (avail index moved past the ring); closing",
                name_, idx);
     request_stop();
@@ -368,16 +410,20 @@ void Session::service_kick(uint32_t idx) {
 void Session::taken_locked(uint32_t queue) {
   vrings_[queue].inflight++;
   inflight_total_++;
-  vm_metrics_->set_inflight(inflight_total_);
+  vm_metrics_->set_inflight(exported_inflight_locked());
 }
 
 void Session::return_chain(uint32_t queue, uint16_t head) {
   std::lock_guard lk(mu_);
+  return_chain_locked(queue, head);
+}
+
+void Session::return_chain_locked(uint32_t queue, uint16_t head) {
   Vring& v = vrings_[queue];
   const uint16_t old = v.ring.used_idx();
-  // The device writes nothing into reported pages: used length 0. An
-  // abandoned ring (the driver reset it, see prepare_reconfigure) is not
-  // written at all.
+  // The device writes nothing into reported pages, nor into the stats
+  // buffer (device-readable): used length 0. An abandoned ring (the driver
+  // reset it, see prepare_reconfigure) is not written at all.
   if (!v.abandoned) v.ring.push_used(head, 0);
   v.requests++;
   if (!v.abandoned && v.call && v.ring.should_notify(old)) {
@@ -389,7 +435,7 @@ void Session::return_chain(uint32_t queue, uint16_t head) {
   }
   v.inflight--;
   inflight_total_--;
-  vm_metrics_->set_inflight(inflight_total_);
+  vm_metrics_->set_inflight(exported_inflight_locked());
   cv_.notify_all();
 }
 
@@ -422,15 +468,16 @@ bool Session::handle(vu::Message& m) {
 
   switch (static_cast<Request>(req)) {
     case Request::GetFeatures:
-      return send_reply_payload(m, vu::encode_u64(kOfferedFeatures));
+      return send_reply_payload(m, vu::encode_u64(offered_features(ctx_)));
 
     case Request::SetFeatures: {
       auto f = vu::parse_u64(payload, "features");
       if (!f) return bad(f.error());
-      if (*f & ~kOfferedFeatures) {
+      const uint64_t offered = offered_features(ctx_);
+      if (*f & ~offered) {
         fail(m, "features_not_offered",
              fmt::format("acked features 0x{:x} include bits we did not offer (0x{:x})",
-                         *f, *f & ~kOfferedFeatures));
+                         *f, *f & ~offered));
         send_ack(m, false);
         return true;
       }
@@ -442,9 +489,11 @@ bool Session::handle(vu::Message& m) {
       // (vu-doc "Ring states").
       if (!(features_ & vu::feature::kProtocolFeatures))
         for (auto& v : vrings_) v.enabled = true;
-      log::info("session", "vm={} features 0x{:x} ({}reporting{}, reporting queue {})", name_,
+      log::info("session", "vm={} features 0x{:x} ({}reporting{}{}, reporting queue {})", name_,
                 features_, (features_ & balloon::kFReporting) ? "" : "no ",
-                (features_ & balloon::kFPagePoison) ? ", page poison" : "", layout_.reporting);
+                (features_ & balloon::kFPagePoison) ? ", page poison" : "",
+                (features_ & balloon::kFStatsVq) ? fmt::format(", stats queue {}", layout_.stats) : "",
+                layout_.reporting);
       break;
     }
 

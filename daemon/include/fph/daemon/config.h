@@ -41,6 +41,9 @@ struct FphdConfig {
   // The watchdog stops pinging systemd when a node pipeline has had work and
   // no progress for this long (0 = never judge the pipelines).
   int stall_limit_seconds = 120;
+  // The stats queue (VIRTIO_BALLOON_F_STATS_VQ): ask each guest for its
+  // memory stats this often; 0 = do not offer the feature.
+  int stats_interval_seconds = 5;
   std::string synthetic_topology;
   // [policy]
   PolicyConfig policy;

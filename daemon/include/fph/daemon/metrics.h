@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "fph/proto/balloon_stats.h"
 #include "fph/reclaim/discard.h"
 
 namespace fph::daemon {
@@ -77,6 +78,12 @@ class VmMetrics {
   // for Disabled.
   void set_reclaim_state(std::optional<ReclaimState> state, std::optional<DisabledReason> reason);
   void clear_state() { set_reclaim_state(std::nullopt, std::nullopt); }
+  // What the guest said on the stats queue (one valid buffer): a gauge per
+  // tag it sent (created on first use: a tag the guest never sends has no
+  // series), the update count, the time, and entries with unknown tags.
+  void guest_stats(const proto::balloon::Stats& s, uint64_t unknown_tags);
+  // Headroom (stats_service.h unreported_free_bytes), once stats arrived.
+  void set_unreported_free(uint64_t bytes);
 
   // Cumulative counts the reclaim state is derived from (misaligned backing:
   // reports arrive but every byte is skipped as misaligned).
@@ -106,6 +113,12 @@ class VmMetrics {
   std::map<std::string, prometheus::Counter*> errors_;
   std::map<std::pair<std::string, bool>, prometheus::Counter*> backend_requests_;  // under err_mu_
   std::mutex lazy_mu_;
+  // Stats queue series, created on first use (under lazy_mu_).
+  std::array<prometheus::Gauge*, proto::balloon::kStatTags> guest_stat_{};
+  prometheus::Counter* stats_updates_ = nullptr;
+  prometheus::Counter* stats_unknown_ = nullptr;
+  prometheus::Gauge* stats_time_ = nullptr;
+  prometheus::Gauge* unreported_free_ = nullptr;
 };
 
 class Metrics {
@@ -168,6 +181,17 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& node_free_;
   prometheus::Family<prometheus::Gauge>& node_pressure_;
   prometheus::Family<prometheus::Gauge>& node_under_pressure_;
+  // The stats queue (what the guest says): one gauge family per tag
+  // (guest_stat_series_), registered in the constructor.
+  prometheus::Family<prometheus::Counter>& stats_updates_;
+  prometheus::Family<prometheus::Counter>& stats_unknown_tags_;
+  prometheus::Family<prometheus::Gauge>& stats_timestamp_;
+  prometheus::Family<prometheus::Gauge>& unreported_free_;
+  struct GuestStatSeries {
+    prometheus::Family<prometheus::Gauge>* family;
+    std::map<std::string, std::string> labels;  // besides vm
+  };
+  std::array<GuestStatSeries, proto::balloon::kStatTags> guest_stat_series_{};
   std::vector<prometheus::Counter*> node_discarded_by_node_;
   std::vector<prometheus::Counter*> node_reclaimed_by_node_;
   struct NodeGauges {

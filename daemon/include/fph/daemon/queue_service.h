@@ -49,6 +49,10 @@ RequestPlan plan_request(const proto::vq::Chain& chain, proto::balloon::QueueRol
                          const MemoryTable& table, reclaim::SkipReason session_skip,
                          const reclaim::Topology& topo);
 
+// The fphd_protocol_errors_total reason for a chain error
+// (`chain_too_long`, ...); the proto text is for humans.
+std::string chain_reason(proto::vq::ChainErrc c);
+
 // Services a kicked queue. Returns false if the ring is broken beyond use
 // (the avail index jumped): the session must be closed.
 bool service_queue(Session& s, uint32_t queue, proto::balloon::QueueRole role, Vring& vr,

@@ -2,7 +2,8 @@
 // than counted on the data path (docs/metrics.md):
 //   - the node view (NodeCollector),
 //   - per VM: resident bytes (allocated blocks of its region files), the
-//     reclaim state and feature bits, and refaulted bytes (RefaultTracker).
+//     reclaim state and feature bits, and refaulted bytes (RefaultTracker),
+//     and the headroom from the latest guest stats (stats_service.h).
 // It takes each session's lock only to copy its info and table pointer.
 #pragma once
 

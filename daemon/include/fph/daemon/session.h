@@ -9,6 +9,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -22,6 +23,7 @@
 #include "fph/daemon/guest_memory.h"
 #include "fph/daemon/metrics.h"
 #include "fph/daemon/refault_sampler.h"
+#include "fph/daemon/stats_service.h"
 #include "fph/daemon/vring.h"
 #include "fph/proto/balloon.h"
 #include "fph/proto/channel.h"
@@ -35,6 +37,9 @@ struct DaemonContext {
   const reclaim::Topology& topology;
   reclaim::NodePipelines& pipelines;
   Metrics& metrics;
+  // How often the stats queue is asked for fresh stats; 0 = STATS_VQ is not
+  // offered (config daemon.stats_interval_seconds, --stats-interval).
+  std::chrono::milliseconds stats_interval{std::chrono::seconds(5)};
 };
 
 // Features fphd offers (reference 1.1, 4.4). EVENT_IDX is not offered (we
@@ -51,6 +56,8 @@ inline constexpr uint64_t kOfferedProtocolFeatures =
     // The back-end channel: config change notifications. Linux's virtio_uml
     // also needs it to set up its vring interrupts (docs/protocol.md).
     proto::vu::protocol::bit(proto::vu::protocol::kBackendReq);
+// What a session offers: the above, plus STATS_VQ when a stats interval is set.
+uint64_t offered_features(const DaemonContext& ctx);
 inline constexpr uint32_t kMaxQueues = 5;  // inflate, deflate, stats, free page, reporting
 
 enum class SessionState : uint8_t { Negotiating, Active, Stopped, Closing };
@@ -63,7 +70,7 @@ struct SessionInfo {
   uint8_t status = 0;
   size_t regions = 0;
   uint64_t memory_bytes = 0;
-  int inflight = 0;
+  int inflight = 0;         // requests taken and not yet returned (a held stats buffer is not one)
   bool paused = false;
   uint32_t poison_val = 0;
   uint32_t num_pages = 0;  // balloon target (config space), 4 KiB pages
@@ -77,6 +84,8 @@ struct SessionInfo {
   SessionState state = SessionState::Negotiating;
   uint64_t requests = 0;    // requests returned to the driver, all queues
   bool yanked = false;
+  bool stats_negotiated = false;  // STATS_VQ acked
+  bool stats_held = false;        // the driver's stats buffer is held (in flight)
 };
 
 class Session : public std::enable_shared_from_this<Session> {
@@ -119,6 +128,7 @@ class Session : public std::enable_shared_from_this<Session> {
   RefaultTracker& refaults() { return *refaults_; }
   std::shared_ptr<const MemoryTable> table() const;
   DaemonContext& context() { return ctx_; }
+  const StatsService& stats() const { return stats_; }
 
   // Session-level reason to not discard right now (poison, paused, ring
   // disabled), or SkipReason::None.
@@ -134,6 +144,12 @@ class Session : public std::enable_shared_from_this<Session> {
   bool send_reply_payload(const proto::vu::Message& m, std::span<const uint8_t> payload);
   void start_ring(uint32_t idx);
   void stop_ring(uint32_t idx);         // waits for in-flight requests of that ring
+  // The stats queue: returns the held stats chain (of ring `idx`, or any
+  // if idx < 0) to the used ring, so nothing waits for it.
+  void release_stats_locked(int idx);
+  void request_stats_if_due();  // the stats timer: return the held buffer when due
+  void return_chain_locked(uint32_t queue, uint16_t head);
+  int exported_inflight_locked() const;  // inflight_total_ minus the held stats chain
   void wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk);
   void service_kick(uint32_t idx);
   void set_table(std::shared_ptr<const MemoryTable> t);
@@ -165,6 +181,7 @@ class Session : public std::enable_shared_from_this<Session> {
   BackendChannel backend_;  // own lock; never taken with mu_ held
   Vring vrings_[kMaxQueues];
   int inflight_total_ = 0;
+  StatsService stats_;  // its held chain is guarded by mu_
 };
 
 }  // namespace fph::daemon
