@@ -15,11 +15,16 @@ def classify(g):
          stopped_by_us True if the runner sent SIGTERM/SIGKILL itself
          oom_killed   True if the cgroup's oom_kill counter rose when the guest died
          events       list of the guest's JSON events (dicts)
+         failure      optional: a failure the runner observed itself (takes precedence)
        Returns (fits: bool, reason: str)."""
     events = g.get("events") or []
     kinds = {e.get("event") for e in events}
     rc = g.get("returncode")
     by_us = g.get("stopped_by_us", False)
+    if g.get("failure"):
+        # What the runner saw itself (a UML guest: an OOM victim among its
+        # host processes, or it halted before the run stopped it).
+        return False, g["failure"]
     if rc is not None and rc < 0 and not by_us:
         sig = -rc
         if sig == signal.SIGKILL and g.get("oom_killed"):

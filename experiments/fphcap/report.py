@@ -80,3 +80,21 @@ def gnuplot_script(csv_by_mode, png, limit_bytes, title):
         "plot " + ", \\\n     ".join(plots),
         "",
     ])
+
+
+def accounting_markdown(results):
+    """Per mode, does the cgroup's charge track the guests (runner.accounting_check)?"""
+    lines = [
+        "| mode | samples | max guests' RAM MiB (sum of RAM files) | max abs(cgroup shmem - guests' RAM) MiB "
+        "| cgroup usage - guests' RAM MiB (min / median / max) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        a = r.get("accounting")
+        if not a:
+            continue
+        lines.append("| %s | %d | %s | %s | %s / %s / %s |" % (
+            r["mode"], a["samples"], _fmt_mib(a["ram_sum_max"]),
+            "-" if a.get("max_abs_shmem_minus_ram") is None else "%.1f" % (a["max_abs_shmem_minus_ram"] / MIB),
+            _fmt_mib(a["other_min"]), _fmt_mib(a["other_median"]), _fmt_mib(a["other_max"])))
+    return "\n".join(lines) + "\n"

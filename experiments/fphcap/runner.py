@@ -3,6 +3,7 @@ cgroup, sampling of host usage (cgroup) and per-guest resident memory
 (/proc/PID/status RssAnon + RssShmem), fit detection, results."""
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 from . import cgroup as cg
 from . import fit
+from . import linux
 from . import report
 
 MIB = 1 << 20
@@ -134,8 +136,9 @@ class Fphd:
 class Sampler:
     """Samples cgroup usage and every guest's resident memory every `interval` s."""
 
-    def __init__(self, group, guests, interval, t0):
+    def __init__(self, group, guests, interval, t0, shmem=False):
         self.group, self.guests, self.interval, self.t0 = group, guests, interval, t0
+        self.shmem = shmem
         self.samples = []
         self._stop = threading.Event()
         self.th = threading.Thread(target=self._run, daemon=True)
@@ -150,13 +153,26 @@ class Sampler:
         rss = {}
         alive = 0
         for g in list(self.guests):
-            if g["proc"].p.poll() is None:
-                v = proc_resident(g["proc"].pid)
+            pr = g["proc"]
+            if pr.p.poll() is None:
+                # fph-guest: RssAnon + RssShmem; a UML guest: its RAM file's blocks.
+                v = pr.resident() if hasattr(pr, "resident") else proc_resident(pr.pid)
                 if v is not None:
                     rss[g["name"]] = v
                     alive += 1
-        self.samples.append({"t": time.monotonic() - self.t0, "cgroup": self.group.usage(),
-                             "alive": alive, "rss": rss})
+                if hasattr(pr, "resident"):
+                    # The guest's host pids (UML: one process group), kept so
+                    # an OOM victim the kernel names can be traced to its guest.
+                    try:
+                        g["pids"] = set(linux.pids_in_group(pr.pid)) | g.get("pids", set())
+                    except OSError:
+                        pass
+        s = {"t": time.monotonic() - self.t0, "cgroup": self.group.usage(), "alive": alive,
+             "rss": rss}
+        if self.shmem:
+            st = self.group.stat()
+            s["shmem"] = st.get("shmem", st.get("total_shmem"))
+        self.samples.append(s)
 
     def stop(self):
         self._stop.set()
@@ -193,33 +209,66 @@ def run_guests(cfg, mode, specs, workdir, log=print):
     guests = []
     sampler = None
     patience = cfg.get("patience", 300)
+    kind = cfg.get("kind", "fph-guest")
     try:
-        if mode == "daemon":
+        if mode == "daemon" or kind == "linux":
             # fphd runs outside the limited cgroup: the memfd pages are charged
             # to the guest that first touches them, hole punching uncharges them.
+            # A UML guest needs a back end to boot even without its balloon
+            # driver (mode none: the driver is not loaded, nothing is reported).
             fphd = Fphd(cfg["fphd"], workdir)
         t0 = time.monotonic()
-        sampler = Sampler(group, guests, cfg.get("interval", 0.2), t0)
+        sampler = Sampler(group, guests, cfg.get("interval", 0.2), t0, shmem=(kind == "linux"))
         oom_base = group.oom_kills()
+        oom_seen = oom_base
+        victims_base = set(oom_victims(read_kernel_log())) if kind == "linux" else set()
         sigkilled = 0
         for spec in specs:
-            argv = [cfg["guest"], "--name", spec["name"]] + mode_args(
-                spec.get("mode", mode), fphd.socket if fphd else None) + spec["args"]
-            log("[%s] launching %s: %s" % (mode, spec["name"], " ".join(argv[1:])))
             g = {"name": spec["name"], "launched_at": time.monotonic() - t0, "failed_at": None,
                  "settled_at": None, "oom_killed": False, "_t_base": t0}
-            g["proc"] = Proc(argv, os.path.join(workdir, "%s.log" % spec["name"]), group.procs_file())
+            logf = os.path.join(workdir, "%s.log" % spec["name"])
+            if kind == "linux":
+                tmp = linux.make_tmpdir(cfg.get("shm", "/dev/shm"))
+                argv = linux.boot_argv(cfg["script"], fphd.socket, cfg["rootdir"], spec["mem"], tmp,
+                                       spec.get("mode", mode) == "daemon", spec["workload"],
+                                       spec.get("kernel_args", ()))
+                log("[%s] launching %s: %s" % (mode, spec["name"], " ".join(argv[1:])))
+                g["proc"] = linux.UmlGuest(argv, logf, tmp, group.procs_file(),
+                                           cfg.get("hold_allocated", 1.0))
+            else:
+                argv = [cfg["guest"], "--name", spec["name"]] + mode_args(
+                    spec.get("mode", mode), fphd.socket if fphd else None) + spec["args"]
+                log("[%s] launching %s: %s" % (mode, spec["name"], " ".join(argv[1:])))
+                g["proc"] = Proc(argv, logf, group.procs_file())
             guests.append(g)
             deadline = time.monotonic() + patience
             settle = cfg.get("settle_s", 5.0)
             while time.monotonic() < deadline:
                 time.sleep(0.1)
                 now = time.monotonic() - t0
+                if kind == "linux" and group.oom_kills() > oom_seen:
+                    # A UML guest is many host processes: the kernel names
+                    # its victim, the pids sampled so far say whose it was.
+                    oom_seen = group.oom_kills()
+                    victims = set(oom_victims(read_kernel_log())) - victims_base
+                    hit = attribute_oom(guests, victims)
+                    for x in hit:
+                        if x["failed_at"] is None:
+                            x["failed_at"] = now
+                            x["oom_killed"] = True
+                            x["failure"] = "oom-killed"
+                    if not hit:
+                        log("[%s] the cgroup counted an OOM kill not traced to a guest (victims %s)"
+                            % (mode, sorted(victims)))
                 # Failures of any guest so far (the OOM killer picks the biggest).
                 for x in guests:
                     rc = x["proc"].p.poll()
                     if rc is not None and x["failed_at"] is None:
                         x["failed_at"] = now
+                        if kind == "linux":
+                            # Exited before the run stopped it: a guest that
+                            # halts on its own did not keep running.
+                            x["failure"] = "guest exited early (status %s)" % rc
                         if rc == -signal.SIGKILL:
                             # The kernel counts the kill before the process
                             # is reaped: a SIGKILLed guest was OOM-killed if
@@ -255,6 +304,12 @@ def run_guests(cfg, mode, specs, workdir, log=print):
         steady_to = time.monotonic() - t0
         sampler.stop()
         sampler.sample()
+        if kind == "linux":
+            # Release every idle workload at once: each runs its final verify
+            # (every page it owns) and the guest halts.
+            for g in guests:
+                if g["proc"].p.poll() is None:
+                    g["proc"].send_line()
         for g in guests:
             g["returncode"] = g["proc"].stop(patience)
             if g["failed_at"] is None and not g["proc"].stopped_by_us:
@@ -269,7 +324,9 @@ def run_guests(cfg, mode, specs, workdir, log=print):
         if sampler:
             sampler.stop()
         for g in guests:
-            if g["proc"].p.poll() is None:
+            if hasattr(g["proc"], "cleanup"):
+                g["proc"].cleanup()  # SIGKILL to the UML process group, RAM directory removed
+            elif g["proc"].p.poll() is None:
                 g["proc"].p.kill()
                 g["proc"].p.wait()
         if fphd:
@@ -277,8 +334,56 @@ def run_guests(cfg, mode, specs, workdir, log=print):
         group.remove()
 
     res = summarize(mode, guests, samples, steady_from, steady_to, peak_file)
-    res["oom_kills"] = oom_total
+    res["oom_kills"] = oom_total - oom_base
+    if kind == "linux":
+        res["accounting"] = accounting_check(samples)
     return res, samples, guests
+
+
+def read_kernel_log():
+    """The kernel log (dmesg), '' if it cannot be read."""
+    try:
+        return subprocess.run(["dmesg"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=10).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+_VICTIM = re.compile(r"(?:Killed process (\d+) |oom-kill:.*[,:]pid=(\d+),)")
+
+
+def oom_victims(log_text):
+    """Pids the OOM killer killed, from kernel log text ('Killed process N (comm)'
+    and 'oom-kill:...,pid=N,' lines), in order, each once."""
+    out = []
+    for m in _VICTIM.finditer(log_text):
+        pid = int(m.group(1) or m.group(2))
+        if pid not in out:
+            out.append(pid)
+    return out
+
+
+def attribute_oom(guests, victims):
+    """Guests whose host pids (g["pids"], sampled while they ran) include a victim."""
+    return [g for g in guests if g.get("pids") and set(g["pids"]) & set(victims)]
+
+
+def accounting_check(samples):
+    """Does the cgroup's charge track the guests? Over the samples: the sum of
+    the guests' RAM backing (their RAM files' st_blocks) against the cgroup
+    usage and its shmem counter (memory.stat), in bytes. `other` is what the
+    cgroup holds beyond the guests' RAM (UML's own anonymous memory, page
+    tables, kernel memory)."""
+    rows = [(s["cgroup"], s.get("shmem"), sum(s["rss"].values())) for s in samples if s["rss"]]
+    if not rows:
+        return None
+    shm = [abs(sh - ram) for _, sh, ram in rows if sh is not None]
+    other = [u - ram for u, _, ram in rows]
+    return {"samples": len(rows),
+            "max_abs_shmem_minus_ram": max(shm) if shm else None,
+            "other_min": min(other), "other_max": max(other),
+            "other_median": statistics.median(other),
+            "ram_sum_max": max(ram for _, _, ram in rows)}
 
 
 def summarize(mode, guests, samples, steady_from, steady_to, peak_file=None):

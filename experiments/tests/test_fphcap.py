@@ -1,5 +1,6 @@
 """Unit tests of fph-capacity's own logic: fit detection, reclaim latency,
-CSV/summary/gnuplot generation, cgroup file parsing, trace generation.
+CSV/summary/gnuplot generation, cgroup file parsing, trace generation, and
+the UML (real Linux) guests: console markers, OOM victims, RAM measurement.
 Run: python3 -m unittest discover -s experiments/tests -t experiments"""
 import csv
 import io
@@ -11,7 +12,7 @@ import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fphcap import cgroup, fit, report, runner  # noqa: E402
+from fphcap import cgroup, fit, linux, report, runner  # noqa: E402
 
 MIB = 1 << 20
 OK_EVENTS = [{"event": "ready"}, {"event": "workload_done", "alloc_shortfall_bytes": 0},
@@ -161,6 +162,131 @@ class Modes(unittest.TestCase):
         self.assertTrue(runner._stable([(0, 10), (3, 12), (6, 11)], 5, 4))
         self.assertFalse(runner._stable([(0, 10), (3, 12)], 5, 4))
         self.assertFalse(runner._stable([(0, 10), (3, 100), (6, 11)], 5, 4))
+
+
+class LinuxGuests(unittest.TestCase):
+    """fph-capacity run --guest-kind linux: UML console markers -> runner events."""
+
+    def events(self, lines):
+        out = []
+        for l in lines:
+            m = linux.parse_marker(l)
+            if m:
+                out += linux.runner_events(m)
+        return out
+
+    def test_parse_marker(self):
+        m = linux.parse_marker("FPH freed bytes=176160768 mem_free_kib=437528\r\n")
+        self.assertEqual(m, {"event": "freed", "bytes": "176160768", "mem_free_kib": "437528"})
+        m = linux.parse_marker("FPH dmesg_problem text=WARNING: at foo.c:1 a=b c")
+        self.assertEqual(m, {"event": "dmesg_problem", "text": "WARNING: at foo.c:1 a=b c"})
+        # Kernel output may share the line before the marker.
+        self.assertEqual(linux.parse_marker("[ 1.2] x FPH halt")["event"], "halt")
+        self.assertIsNone(linux.parse_marker("Linux version 6.1"))
+        self.assertIsNone(linux.parse_marker("FPH "))
+
+    def test_a_clean_guest_fits(self):
+        ev = self.events([
+            "FPH init kernel=6.1 balloon=1", "FPH start total_bytes=1 keep_bytes=1",
+            "FPH allocated bytes=1", "FPH waiting phase=allocated", "FPH freed bytes=4096",
+            "FPH waiting phase=freed", "FPH verify phase=freed corrupted_pages=0 checked_pages=8",
+            "FPH waiting phase=reallocated",
+            "FPH verify phase=final corrupted_pages=0 checked_pages=9", "FPH done status=ok",
+            "FPH workload exit=0", "FPH halt"])
+        self.assertEqual([e["event"] for e in ev],
+                         ["ready", "workload_freed", "workload_done", "summary"])
+        self.assertEqual(ev[1]["bytes"], 4096)
+        g = {"returncode": 0, "stopped_by_us": True, "events": ev}
+        self.assertEqual(fit.classify(g), (True, "fits"))
+
+    def test_corruption_and_workload_errors_do_not_fit(self):
+        ev = self.events(["FPH start", "FPH waiting phase=reallocated",
+                          "FPH verify phase=final corrupted_pages=3 checked_pages=9",
+                          "FPH workload exit=1"])
+        self.assertEqual(fit.classify({"returncode": 0, "stopped_by_us": True, "events": ev}),
+                         (False, "integrity check failed"))
+        ev = self.events(["FPH start", "FPH error what=mmap errno=12 text=Cannot allocate memory"])
+        self.assertFalse(fit.classify({"returncode": 0, "stopped_by_us": True, "events": ev})[0])
+        # The guest's own OOM killer took the workload before its burst was done.
+        ev = self.events(["FPH start", "FPH workload exit=137"])
+        self.assertEqual(fit.classify({"returncode": 0, "stopped_by_us": True, "events": ev}),
+                         (False, "workload did not finish"))
+
+    def test_failure_seen_by_the_runner_takes_precedence(self):
+        ev = self.events(["FPH start", "FPH waiting phase=reallocated"])
+        g = {"returncode": 0, "stopped_by_us": False, "events": ev, "failure": "oom-killed"}
+        self.assertEqual(fit.classify(g), (False, "oom-killed"))
+
+    def test_oom_victims_from_the_kernel_log(self):
+        log = ("[ 10.0] oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,"
+               "mems_allowed=0,oom_memcg=/fph-capacity-1,task_memcg=/fph-capacity-1,"
+               "task=linux.uml,pid=4242,uid=0\n"
+               "[ 10.0] Memory cgroup out of memory: Killed process 4242 (linux.uml) "
+               "total-vm:1kB, anon-rss:0kB\n"
+               "[ 20.0] Out of memory: Killed process 77 (x) total-vm:1kB\n")
+        self.assertEqual(runner.oom_victims(log), [4242, 77])
+        self.assertEqual(runner.oom_victims("nothing here"), [])
+
+    def test_attribute_oom_to_the_guest_owning_the_pid(self):
+        gs = [{"name": "g1", "pids": {10, 11}}, {"name": "g2", "pids": {20, 21, 22}}, {"name": "g3"}]
+        self.assertEqual([g["name"] for g in runner.attribute_oom(gs, [21])], ["g2"])
+        self.assertEqual(runner.attribute_oom(gs, [99]), [])
+
+    def test_workload_spec_and_boot_argv(self):
+        self.assertEqual(linux.parse_workload("linux:400:160:16M"), (400, 160, 16))
+        for bad in ("alloc-free:1G:0", "linux:100:200:0", "linux:0:0:0", "linux:1:x:0", "linux:1:1"):
+            with self.assertRaises(ValueError):
+                linux.parse_workload(bad)
+        w = linux.workload_args(400, 160, 16, 2)
+        self.assertEqual(w, ["--total=400", "--keep=160", "--realloc=16", "--seed=2", "--wait-stdin"])
+        a = linux.boot_argv("/s.sh", "/f.sock", "/root", "512M", "/dev/shm/x", False, w)
+        self.assertEqual(a[:11], ["/bin/bash", "/s.sh", "boot", "--socket", "/f.sock", "--rootdir",
+                                  "/root", "--mem", "512M", "--tmpdir", "/dev/shm/x"])
+        self.assertIn("--no-balloon", a)
+        self.assertEqual(a[a.index("--") + 1:], w)
+        self.assertNotIn("--no-balloon", linux.boot_argv("/s", "/f", "/r", "1G", "/t", True, w))
+
+    def test_ram_backing_is_blocks_of_deleted_files_under_tmpdir(self):
+        # A fake /proc: fd links to a deleted RAM file under tmpdir (counted
+        # once even if open twice), a file elsewhere (not counted).
+        with tempfile.TemporaryDirectory() as d:
+            tmpdir = os.path.join(d, "shm")
+            os.mkdir(tmpdir)
+            ram = os.path.join(tmpdir, "vm_file-1")
+            with open(ram, "wb") as f:
+                f.write(b"x" * (64 << 10))
+            other = os.path.join(d, "other")
+            with open(other, "wb") as f:
+                f.write(b"y" * 4096)
+            fd = os.path.join(d, "proc", "7", "fd")
+            os.makedirs(fd)
+            # readlink gives '<path> (deleted)' for an unlinked file; emulate
+            # with a target literally named so, a hard link to the real data.
+            deleted = ram + " (deleted)"
+            os.link(ram, deleted)
+            os.symlink(deleted, os.path.join(fd, "3"))
+            os.symlink(deleted, os.path.join(fd, "4"))
+            os.symlink(other, os.path.join(fd, "5"))
+            got = linux.deleted_files_bytes(7, tmpdir, proc=os.path.join(d, "proc"))
+            self.assertEqual(got, os.stat(ram).st_blocks * 512)
+            self.assertGreaterEqual(got, 64 << 10)
+            self.assertIsNone(linux.deleted_files_bytes(8, tmpdir, proc=os.path.join(d, "proc")))
+            self.assertIsNone(linux.deleted_files_bytes(7, os.path.join(d, "none"),
+                                                        proc=os.path.join(d, "proc")))
+
+    def test_accounting_check_and_markdown(self):
+        samples = [{"cgroup": 110 * MIB, "shmem": 100 * MIB, "rss": {"g1": 100 * MIB}},
+                   {"cgroup": 330 * MIB, "shmem": 301 * MIB, "rss": {"g1": 100 * MIB, "g2": 200 * MIB}},
+                   {"cgroup": 5 * MIB, "shmem": 0, "rss": {}}]
+        a = runner.accounting_check(samples)
+        self.assertEqual(a["samples"], 2)
+        self.assertEqual(a["max_abs_shmem_minus_ram"], 1 * MIB)
+        self.assertEqual((a["other_min"], a["other_max"]), (10 * MIB, 30 * MIB))
+        self.assertEqual(a["ram_sum_max"], 300 * MIB)
+        self.assertIsNone(runner.accounting_check([]))
+        md = report.accounting_markdown([{"mode": "none", "accounting": a}, {"mode": "x"}])
+        self.assertIn("| none | 2 | 300 | 1.0 | 10 / 20 / 30 |", md)
+        self.assertEqual(len(md.strip().splitlines()), 3)
 
 
 class Traces(unittest.TestCase):
