@@ -7,15 +7,21 @@ MIB = 1 << 20
 
 def usage_csv(samples, guest_names):
     """samples: [{"t": s, "cgroup": bytes, "alive": n, "rss": {name: bytes}}] -> CSV text.
-    Columns: t_s, host_mib (cgroup usage), guests_alive, then one <name>_mib per guest."""
+    Columns: t_s, host_mib (cgroup usage), guests_alive, then one <name>_mib per guest;
+    with UML guests (samples carry the cgroup's shmem counter) a last column
+    cgroup_shmem_mib."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["t_s", "host_mib", "guests_alive"] + ["%s_mib" % n for n in guest_names])
+    shmem = any("shmem" in s for s in samples)
+    w.writerow(["t_s", "host_mib", "guests_alive"] + ["%s_mib" % n for n in guest_names]
+               + (["cgroup_shmem_mib"] if shmem else []))
     for s in samples:
         row = ["%.2f" % s["t"], "%.1f" % (s["cgroup"] / MIB), s.get("alive", 0)]
         for n in guest_names:
             v = s.get("rss", {}).get(n)
             row.append("" if v is None else "%.1f" % (v / MIB))
+        if shmem:
+            row.append("" if s.get("shmem") is None else "%.1f" % (s["shmem"] / MIB))
         w.writerow(row)
     return out.getvalue()
 

@@ -309,6 +309,7 @@ def run_guests(cfg, mode, specs, workdir, log=print):
             # (every page it owns) and the guest halts.
             for g in guests:
                 if g["proc"].p.poll() is None:
+                    g["proc"].stopped_by_us = True
                     g["proc"].send_line()
         for g in guests:
             g["returncode"] = g["proc"].stop(patience)
@@ -336,7 +337,9 @@ def run_guests(cfg, mode, specs, workdir, log=print):
     res = summarize(mode, guests, samples, steady_from, steady_to, peak_file)
     res["oom_kills"] = oom_total - oom_base
     if kind == "linux":
-        res["accounting"] = accounting_check(samples)
+        # Before the first failure: every launched guest alive, none being
+        # OOM-killed (a killed UML process leaves its RAM file to the others).
+        res["accounting"] = accounting_check(samples, fit.first_failure_time(guests))
     return res, samples, guests
 
 
@@ -368,13 +371,14 @@ def attribute_oom(guests, victims):
     return [g for g in guests if g.get("pids") and set(g["pids"]) & set(victims)]
 
 
-def accounting_check(samples):
+def accounting_check(samples, until=None):
     """Does the cgroup's charge track the guests? Over the samples: the sum of
     the guests' RAM backing (their RAM files' st_blocks) against the cgroup
     usage and its shmem counter (memory.stat), in bytes. `other` is what the
     cgroup holds beyond the guests' RAM (UML's own anonymous memory, page
-    tables, kernel memory)."""
-    rows = [(s["cgroup"], s.get("shmem"), sum(s["rss"].values())) for s in samples if s["rss"]]
+    tables, kernel memory). Only samples before `until` (s) if given."""
+    rows = [(s["cgroup"], s.get("shmem"), sum(s["rss"].values())) for s in samples
+            if s["rss"] and (until is None or s.get("t", 0) < until)]
     if not rows:
         return None
     shm = [abs(sh - ram) for _, sh, ram in rows if sh is not None]

@@ -97,6 +97,12 @@ class Reports(unittest.TestCase):
         self.assertEqual(rows[0], ["t_s", "host_mib", "guests_alive", "g1_mib", "g2_mib"])
         self.assertEqual(rows[1], ["0.00", "100.0", "1", "50.0", ""])
         self.assertEqual(rows[2], ["0.20", "200.0", "2", "60.0", "1.0"])
+        # UML guests: the cgroup's shmem counter as a last column.
+        samples[0]["shmem"] = 40 * MIB
+        rows = list(csv.reader(io.StringIO(report.usage_csv(samples, ["g1", "g2"]))))
+        self.assertEqual(rows[0][-1], "cgroup_shmem_mib")
+        self.assertEqual(rows[1][-1], "40.0")
+        self.assertEqual(rows[2][-1], "")
 
     def test_summary_markdown(self):
         md = report.summary_markdown([
@@ -284,6 +290,11 @@ class LinuxGuests(unittest.TestCase):
         self.assertEqual((a["other_min"], a["other_max"]), (10 * MIB, 30 * MIB))
         self.assertEqual(a["ram_sum_max"], 300 * MIB)
         self.assertIsNone(runner.accounting_check([]))
+        # Only before the first failure when asked (OOM kills distort the rest).
+        timed = [dict(x, t=i) for i, x in enumerate(samples)]
+        timed[1]["cgroup"] = 900 * MIB
+        self.assertEqual(runner.accounting_check(timed, until=1)["samples"], 1)
+        self.assertEqual(runner.accounting_check(timed, until=1)["other_max"], 10 * MIB)
         md = report.accounting_markdown([{"mode": "none", "accounting": a}, {"mode": "x"}])
         self.assertIn("| none | 2 | 300 | 1.0 | 10 / 20 / 30 |", md)
         self.assertEqual(len(md.strip().splitlines()), 3)
