@@ -84,6 +84,14 @@ class MemoryCgroup:
     def procs_file(self):
         return os.path.join(self.path, "cgroup.procs")
 
+    def pids(self):
+        """Pids in the cgroup now (v1: tasks, i.e. every thread; v2: cgroup.procs)."""
+        f = "tasks" if self.version == "v1" else "cgroup.procs"
+        try:
+            return {int(x) for x in self._read(f).split()}
+        except (OSError, ValueError):
+            return set()
+
     def usage(self):
         """Bytes charged to the cgroup now (kernel)."""
         f = "memory.usage_in_bytes" if self.version == "v1" else "memory.current"

@@ -150,7 +150,13 @@ def deleted_files_bytes(pid, tmpdir, proc="/proc"):
 
 def pids_in_group(pgid, proc="/proc"):
     """Host pids whose process group is pgid (a UML guest's processes)."""
-    out = []
+    return pids_by_group([pgid], proc).get(pgid, [])
+
+
+def pids_by_group(pgids, proc="/proc"):
+    """{pgid: [pids]} for the given process groups, one pass over /proc."""
+    want = set(pgids)
+    out = {}
     for d in os.listdir(proc):
         if not d.isdigit():
             continue
@@ -161,8 +167,8 @@ def pids_in_group(pgid, proc="/proc"):
             continue
         # pid (comm) state ppid pgrp ...: comm may hold spaces, split after ')'.
         rest = s[s.rfind(")") + 2:].split()
-        if len(rest) > 2 and int(rest[2]) == pgid:
-            out.append(int(d))
+        if len(rest) > 2 and int(rest[2]) in want:
+            out.setdefault(int(rest[2]), []).append(int(d))
     return out
 
 

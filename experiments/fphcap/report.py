@@ -92,15 +92,16 @@ def accounting_markdown(results):
     """Per mode, does the cgroup's charge track the guests (runner.accounting_check)?"""
     lines = [
         "| mode | samples | max guests' RAM MiB (sum of RAM files) | max abs(cgroup shmem - guests' RAM) MiB "
-        "| cgroup usage - guests' RAM MiB (min / median / max) |",
-        "| --- | --- | --- | --- | --- |",
+        "| cgroup usage - guests' RAM MiB (min / median / max) | guest host processes outside the cgroup |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         a = r.get("accounting")
         if not a:
             continue
-        lines.append("| %s | %d | %s | %s | %s / %s / %s |" % (
+        lines.append("| %s | %d | %s | %s | %s / %s / %s | %s |" % (
             r["mode"], a["samples"], _fmt_mib(a["ram_sum_max"]),
             "-" if a.get("max_abs_shmem_minus_ram") is None else "%.1f" % (a["max_abs_shmem_minus_ram"] / MIB),
-            _fmt_mib(a["other_min"]), _fmt_mib(a["other_median"]), _fmt_mib(a["other_max"])))
+            _fmt_mib(a["other_min"]), _fmt_mib(a["other_median"]), _fmt_mib(a["other_max"]),
+            "-" if a.get("guest_pids") is None else "%d of %d" % (a.get("pids_outside", 0), a["guest_pids"])))
     return "\n".join(lines) + "\n"

@@ -152,6 +152,9 @@ class Sampler:
     def sample(self):
         rss = {}
         alive = 0
+        uml = [g["proc"].pid for g in list(self.guests) if hasattr(g["proc"], "resident")]
+        groups = linux.pids_by_group(uml) if uml else {}
+        inside = self.group.pids() if uml else set()
         for g in list(self.guests):
             pr = g["proc"]
             if pr.p.poll() is None:
@@ -163,10 +166,11 @@ class Sampler:
                 if hasattr(pr, "resident"):
                     # The guest's host pids (UML: one process group), kept so
                     # an OOM victim the kernel names can be traced to its guest.
-                    try:
-                        g["pids"] = set(linux.pids_in_group(pr.pid)) | g.get("pids", set())
-                    except OSError:
-                        pass
+                    now_pids = set(groups.get(pr.pid, ()))
+                    g["pids"] = now_pids | g.get("pids", set())
+                    # Every host process of the guest must be charged here.
+                    g["outside"] = g.get("outside", set()) | {
+                        p for p in now_pids if p not in inside and os.path.exists("/proc/%d" % p)}
         s = {"t": time.monotonic() - self.t0, "cgroup": self.group.usage(), "alive": alive,
              "rss": rss}
         if self.shmem:
@@ -337,9 +341,14 @@ def run_guests(cfg, mode, specs, workdir, log=print):
     res = summarize(mode, guests, samples, steady_from, steady_to, peak_file)
     res["oom_kills"] = oom_total - oom_base
     if kind == "linux":
+        res["guest_pids"] = sum(len(g.get("pids", ())) for g in guests)
+        res["guest_pids_outside_cgroup"] = sorted(p for g in guests for p in g.get("outside", ()))
         # Before the first failure: every launched guest alive, none being
         # OOM-killed (a killed UML process leaves its RAM file to the others).
         res["accounting"] = accounting_check(samples, fit.first_failure_time(guests))
+        if res["accounting"]:
+            res["accounting"]["guest_pids"] = res["guest_pids"]
+            res["accounting"]["pids_outside"] = len(res["guest_pids_outside_cgroup"])
     return res, samples, guests
 
 

@@ -280,6 +280,18 @@ class LinuxGuests(unittest.TestCase):
             self.assertIsNone(linux.deleted_files_bytes(7, os.path.join(d, "none"),
                                                         proc=os.path.join(d, "proc")))
 
+    def test_pids_by_group_from_proc_stat(self):
+        with tempfile.TemporaryDirectory() as d:
+            for pid, comm, pgrp in ((10, "linux.uml", 10), (11, "linux (x) uml", 10), (12, "sh", 3)):
+                os.mkdir(os.path.join(d, str(pid)))
+                with open(os.path.join(d, str(pid), "stat"), "w") as f:
+                    f.write("%d (%s) S 1 %d %d 0 -1\n" % (pid, comm, pgrp, pgrp))
+            os.mkdir(os.path.join(d, "self"))
+            got = linux.pids_by_group([10, 3], proc=d)
+            self.assertEqual({k: sorted(v) for k, v in got.items()}, {10: [10, 11], 3: [12]})
+            self.assertEqual(sorted(linux.pids_in_group(10, proc=d)), [10, 11])
+            self.assertEqual(linux.pids_in_group(99, proc=d), [])
+
     def test_accounting_check_and_markdown(self):
         samples = [{"cgroup": 110 * MIB, "shmem": 100 * MIB, "rss": {"g1": 100 * MIB}},
                    {"cgroup": 330 * MIB, "shmem": 301 * MIB, "rss": {"g1": 100 * MIB, "g2": 200 * MIB}},
@@ -296,7 +308,9 @@ class LinuxGuests(unittest.TestCase):
         self.assertEqual(runner.accounting_check(timed, until=1)["samples"], 1)
         self.assertEqual(runner.accounting_check(timed, until=1)["other_max"], 10 * MIB)
         md = report.accounting_markdown([{"mode": "none", "accounting": a}, {"mode": "x"}])
-        self.assertIn("| none | 2 | 300 | 1.0 | 10 / 20 / 30 |", md)
+        self.assertIn("| none | 2 | 300 | 1.0 | 10 / 20 / 30 | - |", md)
+        a.update(guest_pids=12, pids_outside=0)
+        self.assertIn("| 10 / 20 / 30 | 0 of 12 |", report.accounting_markdown([{"mode": "d", "accounting": a}]))
         self.assertEqual(len(md.strip().splitlines()), 3)
 
 
