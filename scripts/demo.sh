@@ -110,6 +110,9 @@ linux_demo() {
     gpid[$((i - 1))]=$(word pid "$(marker "$i" 'uml ' 30)")
   done
   echo "booted $GUESTS Linux guests (user-mode Linux $(ls /usr/lib/uml/modules 2>/dev/null | head -1)) of $MEMORY: each writes $((free_mib + keep_mib)) MiB, frees $free_mib MiB"
+  local names=""
+  for i in $(seq 1 "$GUESTS"); do names+="${names:+, }guest$i = linux.uml-${gpid[$((i - 1))]}"; done
+  echo "fphd's VM names (metrics, fphctl): $names"
   local b
   for i in $(seq 1 "$GUESTS"); do
     b=$(marker "$i" 'balloon ' 120)
