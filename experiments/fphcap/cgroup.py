@@ -84,6 +84,10 @@ class MemoryCgroup:
     def procs_file(self):
         return os.path.join(self.path, "cgroup.procs")
 
+    def rel_path(self):
+        """The cgroup's path as /proc/PID/cgroup shows it ('/name')."""
+        return "/" + os.path.basename(self.path)
+
     def pids(self):
         """Pids in the cgroup now (v1: tasks, i.e. every thread; v2: cgroup.procs)."""
         f = "tasks" if self.version == "v1" else "cgroup.procs"

@@ -167,8 +167,45 @@ def pids_by_group(pgids, proc="/proc"):
             continue
         # pid (comm) state ppid pgrp ...: comm may hold spaces, split after ')'.
         rest = s[s.rfind(")") + 2:].split()
-        if len(rest) > 2 and int(rest[2]) in want:
+        # rest[0] is the state: zombies (Z, X) have left their cgroup already.
+        if len(rest) > 2 and int(rest[2]) in want and rest[0] not in ("Z", "X"):
             out.setdefault(int(rest[2]), []).append(int(d))
+    return out
+
+
+def memory_cgroup_of(text):
+    """/proc/PID/cgroup text -> the process's memory cgroup path ('/name'):
+    the v1 'N:...memory...:/path' line, else the v2 '0::/path' line; None."""
+    v2 = None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if "memory" in parts[1].split(","):
+            return parts[2]
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+    return v2
+
+
+def outside_cgroup(pids, cgroup_path, proc="/proc"):
+    """Of `pids`, those that are alive (not zombies) and whose memory cgroup
+    (/proc/PID/cgroup) is not `cgroup_path`. Processes that exit meanwhile
+    (a guest forks short-lived ones while it boots) are not counted."""
+    out = []
+    for pid in pids:
+        try:
+            with open(os.path.join(proc, str(pid), "cgroup")) as f:
+                cg = memory_cgroup_of(f.read())
+            with open(os.path.join(proc, str(pid), "stat")) as f:
+                st = f.read()
+        except OSError:
+            continue
+        state = st[st.rfind(")") + 2:].split()[:1]
+        if state and state[0] in ("Z", "X"):
+            continue
+        if cg is not None and cg != cgroup_path:
+            out.append(pid)
     return out
 
 

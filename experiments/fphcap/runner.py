@@ -169,8 +169,11 @@ class Sampler:
                     now_pids = set(groups.get(pr.pid, ()))
                     g["pids"] = now_pids | g.get("pids", set())
                     # Every host process of the guest must be charged here.
-                    g["outside"] = g.get("outside", set()) | {
-                        p for p in now_pids if p not in inside and os.path.exists("/proc/%d" % p)}
+                    # (A process the OOM killer took leaves the cgroup before
+                    # it is gone: only what is seen before the first failure counts.)
+                    g.setdefault("outside", {})
+                    for p in linux.outside_cgroup(now_pids - inside, self.group.rel_path()):
+                        g["outside"].setdefault(p, time.monotonic() - self.t0)
         s = {"t": time.monotonic() - self.t0, "cgroup": self.group.usage(), "alive": alive,
              "rss": rss}
         if self.shmem:
@@ -342,7 +345,9 @@ def run_guests(cfg, mode, specs, workdir, log=print):
     res["oom_kills"] = oom_total - oom_base
     if kind == "linux":
         res["guest_pids"] = sum(len(g.get("pids", ())) for g in guests)
-        res["guest_pids_outside_cgroup"] = sorted(p for g in guests for p in g.get("outside", ()))
+        t_fail = fit.first_failure_time(guests)
+        res["guest_pids_outside_cgroup"] = sorted(
+            p for g in guests for p, t in g.get("outside", {}).items() if t_fail is None or t < t_fail)
         # Before the first failure: every launched guest alive, none being
         # OOM-killed (a killed UML process leaves its RAM file to the others).
         res["accounting"] = accounting_check(samples, fit.first_failure_time(guests))

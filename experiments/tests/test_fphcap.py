@@ -282,15 +282,31 @@ class LinuxGuests(unittest.TestCase):
 
     def test_pids_by_group_from_proc_stat(self):
         with tempfile.TemporaryDirectory() as d:
-            for pid, comm, pgrp in ((10, "linux.uml", 10), (11, "linux (x) uml", 10), (12, "sh", 3)):
+            for pid, comm, st, pgrp in ((10, "linux.uml", "S", 10), (11, "linux (x) uml", "R", 10),
+                                        (12, "sh", "S", 3), (13, "linux.uml", "Z", 10)):
                 os.mkdir(os.path.join(d, str(pid)))
                 with open(os.path.join(d, str(pid), "stat"), "w") as f:
-                    f.write("%d (%s) S 1 %d %d 0 -1\n" % (pid, comm, pgrp, pgrp))
+                    f.write("%d (%s) %s 1 %d %d 0 -1\n" % (pid, comm, st, pgrp, pgrp))
             os.mkdir(os.path.join(d, "self"))
             got = linux.pids_by_group([10, 3], proc=d)
             self.assertEqual({k: sorted(v) for k, v in got.items()}, {10: [10, 11], 3: [12]})
             self.assertEqual(sorted(linux.pids_in_group(10, proc=d)), [10, 11])
             self.assertEqual(linux.pids_in_group(99, proc=d), [])
+
+    def test_processes_outside_the_cgroup(self):
+        v1 = "12:pids:/x\n4:memory:/fph-capacity-1\n1:name=systemd:/\n"
+        self.assertEqual(linux.memory_cgroup_of(v1), "/fph-capacity-1")
+        self.assertEqual(linux.memory_cgroup_of("0::/fph-capacity-2\n"), "/fph-capacity-2")
+        self.assertIsNone(linux.memory_cgroup_of(""))
+        with tempfile.TemporaryDirectory() as d:
+            for pid, cg, st in ((1, "/fph-capacity-1", "S"), (2, "/", "S"), (3, "/", "Z")):
+                os.mkdir(os.path.join(d, str(pid)))
+                with open(os.path.join(d, str(pid), "cgroup"), "w") as f:
+                    f.write("4:memory:%s\n" % cg)
+                with open(os.path.join(d, str(pid), "stat"), "w") as f:
+                    f.write("%d (linux.uml) %s 1 1 1\n" % (pid, st))
+            # 4 exited meanwhile, 3 is a zombie: neither counts.
+            self.assertEqual(linux.outside_cgroup([1, 2, 3, 4], "/fph-capacity-1", proc=d), [2])
 
     def test_accounting_check_and_markdown(self):
         samples = [{"cgroup": 110 * MIB, "shmem": 100 * MIB, "rss": {"g1": 100 * MIB}},
