@@ -266,7 +266,7 @@ int run(const Config& c, EventSink& events) {
   mo.private_anon = c.local_reclaim.has_value();
   if (!mo.private_anon)  // local mode has no rings
     mo.ring_sizes = {kInflateQueueSize, kDeflateQueueSize,
-                     reporting_queue_size(c.capacity, c.max_inflight)};
+                     reporting_queue_size(c.capacity, c.max_inflight), kStatsQueueSize};
   auto memr = GuestMemory::create(mo);
   if (!memr) {
     log::error("agent", "guest memory: {}", memr.error());
@@ -403,6 +403,7 @@ int run(const Config& c, EventSink& events) {
   dopt.frontend.reporting = !c.no_reporting;
   dopt.frontend.poison = c.poison;
   dopt.frontend.force_mem_table = c.mem_table;
+  dopt.frontend.stats = !c.no_stats;
   dopt.reporting.order = c.reporting_order;
   dopt.reporting.capacity = c.capacity;
   dopt.reporting.delay = c.reporting_delay;
@@ -449,6 +450,7 @@ int run(const Config& c, EventSink& events) {
                {"device_features", neg->device_features},
                {"protocol_features", neg->protocol},
                {"reporting", neg->reporting()},
+               {"stats", neg->stats()},
                {"poison", neg->poison() ? json(neg->config.poison_val) : json(nullptr)},
                {"reporting_order", c.reporting_order},
                {"resident_bytes", resident_bytes}});

@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <cstring>
 
 #include "fph/common/log.h"
+#include "fph/proto/balloon_stats.h"
 
 namespace fph::guest {
 
@@ -37,6 +39,36 @@ void signal_eventfd(int fd) {
 
 }  // namespace
 
+size_t ring_slot(proto::balloon::QueueRole role, size_t queue_index) {
+  using R = proto::balloon::QueueRole;
+  switch (role) {
+    case R::Inflate: return 0;
+    case R::Deflate: return 1;
+    case R::Reporting: return 2;
+    case R::Stats: return 3;
+    default: return queue_index;
+  }
+}
+
+std::vector<uint8_t> guest_stats_buffer(const BuddyStats& b) {
+  using T = proto::balloon::StatTag;
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  const uint64_t free = b.free_frames * kFrameSize;
+  proto::balloon::Stats s;
+  s.set(T::SwapIn, 0);
+  s.set(T::SwapOut, 0);
+  s.set(T::MajorFaults, static_cast<uint64_t>(ru.ru_majflt));
+  s.set(T::MinorFaults, static_cast<uint64_t>(ru.ru_minflt));
+  s.set(T::MemFree, free);
+  s.set(T::MemTotal, (b.total_frames - b.reserved_frames) * kFrameSize);
+  s.set(T::Available, free);
+  s.set(T::Caches, 0);
+  s.set(T::HugetlbAllocs, 0);
+  s.set(T::HugetlbFails, 0);
+  return proto::balloon::encode_stats(s);
+}
+
 uint16_t reporting_queue_size(size_t capacity, int max_inflight) {
   const uint64_t need = uint64_t{capacity} * static_cast<uint64_t>(std::max(max_inflight, 1));
   uint64_t n = std::bit_ceil(std::max<uint64_t>(need, proto::balloon::kReportingQueueSize));
@@ -53,6 +85,8 @@ BalloonDriver::BalloonDriver(GuestMemory& mem, BuddyAllocator& buddy, std::mutex
       buddy_, zone_, opts_.reporting, [this](const ReportRequest& r) { return post(r); });
   // A pass newly due or a paused pass resumable: wake the driver thread.
   reporting_->set_wakeup([this] { signal_eventfd(wake_fd_.get()); });
+  // The stats queue needs its own ring slot in guest memory.
+  if (mem_.ring_count() <= ring_slot(proto::balloon::QueueRole::Stats, 0)) opts_.frontend.stats = false;
 }
 
 BalloonDriver::~BalloonDriver() {
@@ -80,10 +114,23 @@ FeResult<Negotiated> BalloonDriver::setup(UniqueFd sock, bool reconnected) {
   auto n = fe->negotiate(mem_, opts_.frontend);
   if (!n) return n;
   std::vector<Queue> queues(static_cast<size_t>(n->layout.count));
+  uint64_t stats_gpa = 0;
   for (size_t q = 0; q < queues.size(); ++q) {
-    if (q >= mem_.ring_count())
-      return fe_error(FrontendErrc::Setup, fmt::format("no ring area for queue {}", q));
-    const RingArea& ra = mem_.ring(q);
+    const auto role = n->layout.role(static_cast<uint32_t>(q));
+    const size_t slot = ring_slot(role, q);
+    if (slot >= mem_.ring_count())
+      return fe_error(FrontendErrc::Setup, fmt::format("no ring area for queue {} ({})", q,
+                                                       proto::balloon::to_string(role)));
+    const RingArea& ra = mem_.ring(slot);
+    if (role == proto::balloon::QueueRole::Stats) {
+      // The stats buffer lives in the rest of the slot's last page, after
+      // the used ring (slots are page aligned, so that space is reserved).
+      const uint64_t used_end = ra.used_gpa + vq::used_ring_bytes(ra.num);
+      stats_gpa = (used_end + 15) / 16 * 16;
+      const uint64_t page_end = (used_end + kFrameSize - 1) / kFrameSize * kFrameSize;
+      if (stats_gpa + proto::balloon::kMaxStatsBytes > page_end)
+        return fe_error(FrontendErrc::Setup, "no room for the stats buffer after the stats ring");
+    }
     auto* desc = mem_.translate(ra.desc_gpa, vq::desc_table_bytes(ra.num));
     auto* avail = mem_.translate(ra.avail_gpa, vq::avail_ring_bytes(ra.num));
     auto* used = mem_.translate(ra.used_gpa, vq::used_ring_bytes(ra.num));
@@ -104,6 +151,8 @@ FeResult<Negotiated> BalloonDriver::setup(UniqueFd sock, bool reconnected) {
   fe_ = std::move(fe);
   queues_ = std::move(queues);
   report_q_ = n->layout.reporting;
+  stats_q_ = n->layout.stats;
+  stats_gpa_ = stats_gpa;
   head_to_id_.clear();
   {
     std::lock_guard lk(req_mu_);
@@ -111,9 +160,13 @@ FeResult<Negotiated> BalloonDriver::setup(UniqueFd sock, bool reconnected) {
   }
   reporting_enabled_ = n->reporting() && report_q_ >= 0;
   log::info("driver", "{}: features {:#x} (device {:#x}), protocol {:#x}, {} queues, reporting "
-            "queue {}, memory via {}", reconnected ? "reconnected" : "connected", n->features,
-            n->device_features, n->protocol, n->layout.count, report_q_,
+            "queue {}, stats queue {}, memory via {}", reconnected ? "reconnected" : "connected",
+            n->features, n->device_features, n->protocol, n->layout.count, report_q_, stats_q_,
             n->used_mem_table ? "SET_MEM_TABLE" : "ADD_MEM_REG");
+  // Linux init_vqs: prime the stats queue with one buffer, so the device
+  // can ask for stats by returning it.
+  if (stats_q_ >= 0 && !post_stats())
+    return fe_error(FrontendErrc::Setup, "cannot post the stats buffer");
 
   // Requests that were in flight on the old connection: their blocks are
   // still isolated; post them again on the new ring, or give them back
@@ -157,6 +210,31 @@ bool BalloonDriver::post(const ReportRequest& r) {
   return true;
 }
 
+bool BalloonDriver::post_stats() {
+  if (!fe_ || stats_q_ < 0 || static_cast<size_t>(stats_q_) >= queues_.size()) return false;
+  BuddyStats bs;
+  {
+    std::lock_guard lk(zone_);
+    bs = buddy_.stats();
+  }
+  // Linux update_balloon_stats() then virtqueue_add_outbuf(): one
+  // device-readable buffer.
+  const auto bytes = guest_stats_buffer(bs);
+  uint8_t* p = mem_.translate(stats_gpa_, bytes.size());
+  if (!p) return false;
+  std::memcpy(p, bytes.data(), bytes.size());
+  Queue& q = queues_[static_cast<size_t>(stats_q_)];
+  const vq::Buffer b{stats_gpa_, static_cast<uint32_t>(bytes.size()), false};
+  if (!q.ring.add_chain(std::span<const vq::Buffer>(&b, 1))) {
+    log::warn("driver", "stats ring full");
+    return false;
+  }
+  stats_sent_++;
+  log::debug("driver", "stats buffer posted: free {} MiB", bs.free_frames * kFrameSize >> 20);
+  kick(q);
+  return true;
+}
+
 void BalloonDriver::kick(Queue& q) {
   if (!q.ring.kick_suppressed()) signal_eventfd(q.kick.get());
 }
@@ -170,6 +248,13 @@ void BalloonDriver::drain_used() {
   for (size_t qi = 0; qi < queues_.size(); ++qi) {
     auto& q = queues_[qi];
     while (auto u = q.ring.pop_used()) {
+      if (static_cast<int>(qi) == stats_q_) {
+        // The device asks for fresh stats (Linux stats_request ->
+        // stats_handle_request): refill and add the buffer again, unless
+        // we are stopping the rings.
+        if (!stop_.load()) (void)post_stats();
+        continue;
+      }
       if (static_cast<int>(qi) != report_q_) {
         log::warn("driver", "queue {}: used element {} for a buffer we never posted", qi, u->id);
         continue;
@@ -207,6 +292,7 @@ void BalloonDriver::drop_connection() {
   queues_.clear();
   head_to_id_.clear();
   report_q_ = -1;
+  stats_q_ = -1;
 }
 
 void BalloonDriver::finish(Exit e, std::string msg) {
@@ -246,17 +332,23 @@ void BalloonDriver::loop() {
       wait = std::min(wait, std::chrono::ceil<std::chrono::milliseconds>(
                                 std::max(next - now, Clock::duration::zero())));
     }
-    pollfd p[3] = {{wake_fd_.get(), POLLIN, 0},
+    pollfd p[4] = {{wake_fd_.get(), POLLIN, 0},
                    {report_q_ >= 0 ? queues_[static_cast<size_t>(report_q_)].call.get() : -1,
                     POLLIN, 0},
-                   {fe_->fd(), POLLIN, 0}};
-    const int n = ::poll(p, 3, static_cast<int>(wait.count()));
+                   {fe_->fd(), POLLIN, 0},
+                   {stats_q_ >= 0 ? queues_[static_cast<size_t>(stats_q_)].call.get() : -1,
+                    POLLIN, 0}};
+    const int n = ::poll(p, 4, static_cast<int>(wait.count()));
     if (n < 0 && errno != EINTR) {
       finish(Exit::Error, fmt::format("poll: {}", std::strerror(errno)));
       return;
     }
     if (n <= 0) continue;
     if (p[0].revents) drain_eventfd(wake_fd_.get());
+    if (p[3].revents) {
+      drain_eventfd(p[3].fd);
+      drain_used();  // the stats buffer came back: refilled and re-added there
+    }
     if (p[1].revents) {
       drain_eventfd(p[1].fd);
       calls_++;

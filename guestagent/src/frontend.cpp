@@ -141,6 +141,7 @@ Frontend::Frontend(UniqueFd sock, std::chrono::milliseconds reply_timeout)
 uint64_t choose_features(uint64_t offered, const FrontendOptions& o) {
   uint64_t want = bal::kFVersion1 | vu::feature::kProtocolFeatures;
   if (o.reporting) want |= bal::kFReporting;
+  if (o.stats) want |= bal::kFStatsVq;  // Linux always negotiates it when offered
   if (o.poison) {
     want |= bal::kFPagePoison;
     // lx-bal virtballoon_validate: a driver that poisons free pages must

@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-inflight", c.max_inflight, "reporting requests in flight at once")
       ->capture_default_str();
   app.add_flag("--no-reporting", c.no_reporting, "do not negotiate free page reporting");
+  app.add_flag("--no-stats", c.no_stats, "do not negotiate the stats queue (STATS_VQ)");
   app.add_option("--poison", poison, "negotiate PAGE_POISON with this poison_val (hex)");
   app.add_option("--workload", workload,
                  "none | alloc-free:SIZE[:HOLD_MS] | churn:SIZE:SECONDS | trace:FILE "

@@ -29,6 +29,7 @@
 #include "fph/guest/page_reporting.h"
 #include "fph/guest/workload.h"
 #include "fph/proto/balloon.h"
+#include "fph/proto/balloon_stats.h"
 #include "fph/proto/channel.h"
 #include "fph/proto/vhost_user.h"
 #include "fph/proto/virtqueue.h"
@@ -371,6 +372,9 @@ class TestDevice {
   size_t region_count() { std::lock_guard lk(mu_); return regions_.size(); }
   std::map<uint32_t, uint32_t> vring_base_replies() { std::lock_guard lk(mu_); return bases_; }
   uint64_t chains() const { return chains_.load(); }
+  // Stats buffers taken on the stats queue, and the last MEMFREE in one.
+  uint64_t stats_buffers() const { return stats_buffers_.load(); }
+  uint64_t stats_free() const { return stats_free_.load(); }
   uint64_t punched() const { return punched_.load(); }
   bool exited() const { return exited_.load(); }
 
@@ -390,6 +394,8 @@ class TestDevice {
     vq::DeviceRing dev;
     bool started = false;
     std::vector<uint16_t> held;
+    bool stats = false;  // the stats queue: chains held, returned every 50 ms
+    std::chrono::steady_clock::time_point held_since;
   };
   class Mem final : public vq::GuestMemory {
    public:
@@ -453,6 +459,23 @@ class TestDevice {
       if (!*h) break;
       auto chain = r.dev.walk(**h, mem);
       ASSERT_TRUE(chain) << chain.error().message();
+      if ((features_ & bal::kFStatsVq) && static_cast<int>(i) == bal::queue_layout(features_).stats) {
+        // Like fphd: one device-readable stats buffer, parsed and held until
+        // the next stats request.
+        r.stats = true;
+        for (const auto& b : chain->buffers) {
+          EXPECT_FALSE(b.device_writable);
+          const uint8_t* sp = mem.translate(b.gpa, b.len);
+          ASSERT_NE(sp, nullptr);
+          auto st = bal::parse_stats(std::span<const uint8_t>(sp, b.len));
+          ASSERT_TRUE(st) << st.error().message();
+          if (auto f = st->get(bal::StatTag::MemFree)) stats_free_ = *f;
+        }
+        stats_buffers_++;
+        r.held.push_back(**h);
+        r.held_since = std::chrono::steady_clock::now();
+        continue;
+      }
       chains_++;
       for (const auto& b : chain->buffers) {
         EXPECT_TRUE(b.device_writable);
@@ -483,7 +506,8 @@ class TestDevice {
         r.held.push_back(**h);
       }
     }
-    if (release_ && !r.held.empty()) {
+    const bool stats_due = r.stats && std::chrono::steady_clock::now() - r.held_since >= 50ms;
+    if ((release_ || stats_due) && !r.held.empty()) {
       for (uint16_t h : r.held) r.dev.push_used(h, 0);
       r.held.clear();
       pushed = true;
@@ -614,9 +638,8 @@ class TestDevice {
           (void)!read(p[k].fd, &v, sizeof v);
           service(idx[k - 1]);
         }
-      if (release_)
-        for (auto& [i, r] : rings_)
-          if (!r.held.empty()) service(i);
+      for (auto& [i, r] : rings_)
+        if (!r.held.empty() && (release_ || r.stats)) service(i);
       if (p[0].revents) {
         auto m = vu::recv_message(sock_.get());
         if (!m) break;  // front end closed (or we were killed)
@@ -635,7 +658,7 @@ class TestDevice {
   std::vector<std::unique_ptr<Region>> regions_;
   std::map<uint32_t, Ring> rings_;
   std::map<uint32_t, uint32_t> bases_;
-  std::atomic<uint64_t> chains_{0}, punched_{0};
+  std::atomic<uint64_t> chains_{0}, punched_{0}, stats_buffers_{0}, stats_free_{0};
   std::atomic<bool> stop_{false}, release_{false}, exited_{false};
   std::thread thread_;
 };
@@ -846,6 +869,7 @@ struct DriverRig {
                      uint64_t bytes = 32ull << 20) : device_opts(std::move(dopts)) {
     auto mo = small_mem(bytes);
     mo.ring_sizes[2] = reporting_queue_size(o.reporting.capacity, o.reporting.max_inflight);
+    if (o.frontend.stats) mo.ring_sizes.push_back(kStatsQueueSize);  // the stats ring slot
     auto m = GuestMemory::create(mo);
     EXPECT_TRUE(m);
     mem = std::move(*m);
@@ -927,6 +951,47 @@ TEST(BalloonDriver, ReportsFreeMemoryAndDiscardedPagesReadZero) {
   EXPECT_EQ(bases[2], rig.driver->reporting()->stats().requests & 0xffff);
   EXPECT_EQ(rig.device(0).status(), 0u);
   EXPECT_TRUE(wait_for([&] { return rig.device(0).exited(); }));
+}
+
+// The stats queue the way Linux drives it: one buffer primed at init, then
+// refilled and added again each time the device returns it (the test device,
+// like fphd, holds it and returns it every 50 ms). Reporting is unaffected,
+// with the reporting queue moved to index 3.
+TEST(BalloonDriver, StatsQueueIsPrimedAndRefilledOnEveryRequest) {
+  DriverOptions o = fast_options();
+  o.frontend.stats = true;
+  DriverRig rig(o);
+  auto n = rig.driver->connect();
+  ASSERT_TRUE(n) << n.error().message;
+  EXPECT_TRUE(n->stats());
+  EXPECT_EQ(n->layout.stats, 2);
+  EXPECT_EQ(n->layout.reporting, 3);
+  rig.driver->start();
+  ASSERT_TRUE(wait_for([&] { return rig.device(0).stats_buffers() >= 4; }));
+  EXPECT_GE(rig.driver->stats_sent(), 4u);
+  // What the buffer says follows the model: allocate 8 MiB, free drops.
+  Workload w = rig.workload();
+  uint64_t before;
+  {
+    std::lock_guard lk(rig.zone);
+    before = rig.buddy->stats().free_frames * kFrameSize;
+  }
+  auto held = w.alloc_bytes(8ull << 20);
+  ASSERT_TRUE(wait_for([&] { return rig.device(0).stats_free() + (8ull << 20) <= before; }));
+  w.free_all(held);
+  ASSERT_TRUE(wait_for([&] { return rig.device(0).stats_free() + (8ull << 20) > before; }));
+  // Reporting still works on queue 3.
+  ASSERT_TRUE(wait_for([&] {
+    return rig.free_candidates(9) == 0 && rig.driver->inflight_requests() == 0 &&
+           rig.completed_bytes.load() > 0;
+  }));
+  rig.driver->request_stop();
+  rig.driver->join();
+  auto bases = rig.device(0).vring_base_replies();
+  EXPECT_EQ(bases.size(), 4u);
+  // The device consumed every stats buffer the driver added.
+  EXPECT_EQ(bases[2], rig.driver->stats_sent() & 0xffff);
+  EXPECT_EQ(rig.counters.corrupted_bytes.load(), 0u);
 }
 
 TEST(BalloonDriver, ToleratesSpuriousCalls) {

@@ -45,6 +45,7 @@ struct Config {
   size_t capacity = 32;
   int max_inflight = 1;
   bool no_reporting = false;
+  bool no_stats = false;  // do not negotiate the stats queue (STATS_VQ)
   std::optional<uint32_t> poison;
   bool mem_table = false;
 

@@ -37,9 +37,23 @@
 
 namespace fph::guest {
 
-// Ring sizes, by queue index in the dense layout inflate, deflate, reporting.
+// Ring sizes. Guest memory has one ring slot per queue role, in the order
+// inflate, deflate, reporting, stats (ring_slot()); the queue *index* of each
+// role depends on what was negotiated (dense numbering: with STATS_VQ the
+// stats queue is 2 and reporting 3).
 inline constexpr uint16_t kInflateQueueSize = 128;  // QEMU's size; unused but valid
 inline constexpr uint16_t kDeflateQueueSize = 128;
+inline constexpr uint16_t kStatsQueueSize = 128;    // QEMU's size; one buffer is ever posted
+// Slot of guest memory's ring area for a queue role (see above); the stats
+// slot exists only if guest memory was created with four ring sizes.
+size_t ring_slot(proto::balloon::QueueRole role, size_t queue_index);
+// What fph-guest's stats buffer says, the way Linux update_balloon_stats()
+// fills it (tags 0..9 as Linux 6.1 sends them; memory in bytes): free = the
+// buddy model's free frames, total = its frames minus the reserved ring
+// pages (Linux MemTotal excludes reserved memory too), available = free,
+// caches 0, no swap and no hugetlb; major/minor faults are fph-guest's own
+// (getrusage). Pure apart from getrusage; for tests.
+std::vector<uint8_t> guest_stats_buffer(const BuddyStats& b);
 // Reporting ring: 32 like QEMU (Linux needs >= PAGE_REPORTING_CAPACITY),
 // more when capacity * max_inflight chains must fit at once.
 uint16_t reporting_queue_size(size_t capacity, int max_inflight);
@@ -94,6 +108,9 @@ class BalloonDriver {
   uint64_t reconnects() const { return reconnects_.load(); }
   uint64_t calls() const { return calls_.load(); }
   uint64_t spurious_calls() const { return spurious_calls_.load(); }
+  // Stats buffers handed to the device (the first at setup, then one per
+  // request the device made by returning the previous one).
+  uint64_t stats_sent() const { return stats_sent_.load(); }
 
  private:
   struct Queue {
@@ -104,6 +121,7 @@ class BalloonDriver {
 
   FeResult<Negotiated> setup(UniqueFd sock, bool reconnected);
   bool post(const ReportRequest& r);
+  bool post_stats();  // fill the stats buffer from the buddy model, add it, kick
   void kick(Queue& q);
   void drain_used();
   void loop();
@@ -125,6 +143,8 @@ class BalloonDriver {
   std::unique_ptr<Frontend> fe_;
   std::vector<Queue> queues_;
   int report_q_ = -1;
+  int stats_q_ = -1;
+  uint64_t stats_gpa_ = 0;  // the stats buffer: in the stats ring slot's last page
   std::map<uint16_t, uint64_t> head_to_id_;
   mutable std::mutex req_mu_;                  // requests_ is read by other threads
   std::map<uint64_t, ReportRequest> requests_;  // posted, not yet used
@@ -137,6 +157,7 @@ class BalloonDriver {
   std::atomic<uint64_t> reconnects_{0};
   std::atomic<uint64_t> calls_{0};
   std::atomic<uint64_t> spurious_calls_{0};
+  std::atomic<uint64_t> stats_sent_{0};
   std::thread thread_;
 };
 

@@ -71,6 +71,8 @@ struct FrontendOptions {
   bool reporting = true;                // ask for VIRTIO_BALLOON_F_REPORTING
   std::optional<uint32_t> poison;       // ask for PAGE_POISON and write poison_val
   bool force_mem_table = false;         // SET_MEM_TABLE even with CONFIGURE_MEM_SLOTS
+  bool stats = false;                   // ask for VIRTIO_BALLOON_F_STATS_VQ (the driver sets it
+                                        // when guest memory has a stats ring slot)
 };
 
 // What the two sides agreed on.
@@ -84,6 +86,7 @@ struct Negotiated {
   bool used_mem_table = false;    // SET_MEM_TABLE rather than ADD_MEM_REG
   bool reporting() const { return features & proto::balloon::kFReporting; }
   bool poison() const { return features & proto::balloon::kFPagePoison; }
+  bool stats() const { return features & proto::balloon::kFStatsVq; }
   bool has_protocol(int bit) const { return protocol & proto::vu::protocol::bit(bit); }
 };
 
