@@ -16,6 +16,11 @@ scripts/linux-guest.sh whose fph-linux-workload writes --total MiB, keeps
     and the sum of /proc/PID/task/*/schedstat (ns); divided by the GiB the
     kernel-measured backing dropped in the same window.
 
+  * raw punch: after each run, the kernel's own cost of the same work on
+    this machine at that moment (a written, shared-mapped 1 GiB tmpfs file
+    punched in 16 MiB fallocate calls); "CPU ratio" is fphd's CPU per GiB
+    over it, the median of the per-run ratios (a busy machine moves both).
+
 Each guest's own verifier must report corrupted_pages=0 (checked after the
 measurement window: the workload reallocates and verifies everything it owns).
 Not a test: it prints a table of medians and optionally writes JSON.
@@ -300,6 +305,35 @@ def one_run(args, n, rep, root, workdir):
         fphd.stop()
 
 
+def raw_punch_ms_per_gib(size=1 << 30, chunk=16 << 20):
+    """The kernel's own cost of what fphd does, on this machine now: a shared
+    mapping of a tmpfs file with every page written (like a UML RAM file),
+    then fallocate(PUNCH_HOLE) over it in 16 MiB calls (fphd coalesces up to
+    16 MiB). CPU ms (user+system of this process) per GiB."""
+    import ctypes
+    import mmap
+    import resource
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    path = tempfile.mktemp(prefix="fph-raw-punch-", dir="/dev/shm")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.unlink(path)
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size)
+        for off in range(0, size, 4096):
+            m[off] = 1
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        for off in range(0, size, chunk):
+            if libc.fallocate(fd, 3, off, chunk) != 0:  # PUNCH_HOLE | KEEP_SIZE
+                raise OSError(ctypes.get_errno(), "fallocate")
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        m.close()
+    finally:
+        os.close(fd)
+    return (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1e3 * (1 << 30) / size
+
+
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else float("nan")
@@ -333,14 +367,17 @@ def main():
                 d = os.path.join(work, f"n{n}-r{rep}")
                 os.makedirs(d)
                 r = one_run(args, n, rep, root, d)
+                # Paired with each run: the raw kernel cost of punching 1 GiB now.
+                r["raw_punch_ms_per_gib"] = raw_punch_ms_per_gib()
                 runs.append(r)
                 t50 = " ".join("-" if t is None else f"{t:.2f}" for t in r["t50"])
                 t90 = " ".join("-" if t is None else f"{t:.2f}" for t in r["t90"])
                 gib = r["reclaimed_bytes"] / GIB
                 print(f"guests={n} rep={rep} t50=[{t50}] t90=[{t90}] reclaimed_mib={r['reclaimed_bytes'] / MIB:.0f}"
-                      f" fphd_cpu_ms(stat)={r['cpu_stat_s'] * 1e3:.0f} fphd_cpu_ms(schedstat)={r['cpu_sched_s'] * 1e3:.1f}"
+                      f" fphd_cpu_ms(stat)={r['cpu_stat_s'] * 1e3:.0f} (system {r['cpu_sys_s'] * 1e3:.0f}) fphd_cpu_ms(schedstat)={r['cpu_sched_s'] * 1e3:.1f}"
                       f" ms/GiB={r['cpu_sched_s'] * 1e3 / gib if gib > 0 else float('nan'):.1f}"
                       f" idle_cpu_ms_per_s={r['idle_cpu_per_s'] * 1e3:.2f}"
+                      f" raw_punch_ms_per_gib={r['raw_punch_ms_per_gib']:.0f}"
                       f" window_s={r['window_s']:.1f} corrupted_pages={r['corrupted_pages']} load1={r['loadavg']}",
                       flush=True)
                 if r["corrupted_pages"] != 0 or any(t is None for t in r["t90"]):
@@ -355,8 +392,8 @@ def main():
     print(f"medians over {args.reps} repetitions; each guest: {args.mem} RAM, writes {args.total} MiB, "
           f"frees {args.total - args.keep} MiB")
     hdr = ("guests", "t50 s", "t90 s", "t90 s (last guest)", "reclaimed MiB", "fphd CPU ms",
-           "CPU ms/GiB", "CPU ms/GiB (stat)", "idle ms/s")
-    print("%-7s %8s %8s %19s %14s %12s %11s %18s %10s" % hdr)
+           "CPU ms/GiB", "CPU ms/GiB (stat)", "system %", "idle ms/s", "raw punch ms/GiB", "CPU ratio")
+    print("%-7s %8s %8s %19s %14s %12s %11s %18s %9s %10s %17s %10s" % hdr)
     for n in sorted({r["guests"] for r in runs}):
         rs = [r for r in runs if r["guests"] == n]
         all50 = med([med(r["t50"]) for r in rs])
@@ -367,8 +404,12 @@ def main():
         per = med([r["cpu_sched_s"] * 1e3 / (r["reclaimed_bytes"] / GIB) for r in rs if r["reclaimed_bytes"] > 0])
         per_stat = med([r["cpu_stat_s"] * 1e3 / (r["reclaimed_bytes"] / GIB) for r in rs if r["reclaimed_bytes"] > 0])
         idle = med([r["idle_cpu_per_s"] * 1e3 for r in rs])
-        print("%-7d %8.2f %8.2f %19.2f %14.0f %12.1f %11.1f %18.0f %10.2f"
-              % (n, all50, all90, last90, rec, cpu, per, per_stat, idle))
+        sysp = med([100 * r["cpu_sys_s"] / r["cpu_stat_s"] for r in rs if r["cpu_stat_s"] > 0])
+        raw = med([r["raw_punch_ms_per_gib"] for r in rs])
+        ratio = med([r["cpu_sched_s"] * 1e3 / (r["reclaimed_bytes"] / GIB) / r["raw_punch_ms_per_gib"]
+                     for r in rs if r["reclaimed_bytes"] > 0 and r["raw_punch_ms_per_gib"] > 0])
+        print("%-7d %8.2f %8.2f %19.2f %14.0f %12.1f %11.1f %18.0f %9.0f %10.2f %17.0f %10.2f"
+              % (n, all50, all90, last90, rec, cpu, per, per_stat, sysp, idle, raw, ratio))
     print(f"host: {os.cpu_count()} CPUs, load average now {open('/proc/loadavg').read().split()[0]}")
     return 0 if ok else 1
 

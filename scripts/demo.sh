@@ -54,6 +54,7 @@ linux_demo() {
     [ -n "${FPHD_PID:-}" ] && kill "$FPHD_PID" 2>/dev/null || true
     wait 2>/dev/null || true
     for p in "${gtmp[@]}"; do rm -rf "$p"; done
+    rm -rf "$RUN/root"  # the guest root (busybox, module, workload); consoles and logs stay
   }
   trap cleanup_linux EXIT
   trap 'exit 130' INT TERM
