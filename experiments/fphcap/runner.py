@@ -175,7 +175,7 @@ class Sampler:
                     for p in linux.outside_cgroup(now_pids - inside, self.group.rel_path()):
                         g["outside"].setdefault(p, time.monotonic() - self.t0)
         s = {"t": time.monotonic() - self.t0, "cgroup": self.group.usage(), "alive": alive,
-             "rss": rss}
+             "launched": len(self.guests), "rss": rss}
         if self.shmem:
             st = self.group.stat()
             s["shmem"] = st.get("shmem", st.get("total_shmem"))
@@ -390,9 +390,13 @@ def accounting_check(samples, until=None):
     the guests' RAM backing (their RAM files' st_blocks) against the cgroup
     usage and its shmem counter (memory.stat), in bytes. `other` is what the
     cgroup holds beyond the guests' RAM (UML's own anonymous memory, page
-    tables, kernel memory). Only samples before `until` (s) if given."""
+    tables, kernel memory). Only samples before `until` (s) if given, and in
+    which every guest launched so far was alive (a guest whose main process
+    the OOM killer took can no longer be measured, but its RAM file stays
+    charged while its other processes map it)."""
     rows = [(s["cgroup"], s.get("shmem"), sum(s["rss"].values())) for s in samples
-            if s["rss"] and (until is None or s.get("t", 0) < until)]
+            if s["rss"] and (until is None or s.get("t", 0) < until)
+            and len(s["rss"]) >= s.get("launched", 0)]
     if not rows:
         return None
     shm = [abs(sh - ram) for _, sh, ram in rows if sh is not None]

@@ -323,6 +323,9 @@ class LinuxGuests(unittest.TestCase):
         timed[1]["cgroup"] = 900 * MIB
         self.assertEqual(runner.accounting_check(timed, until=1)["samples"], 1)
         self.assertEqual(runner.accounting_check(timed, until=1)["other_max"], 10 * MIB)
+        # A sample where a launched guest could not be measured is left out.
+        timed[1]["launched"] = 3
+        self.assertEqual(runner.accounting_check(timed)["samples"], 1)
         md = report.accounting_markdown([{"mode": "none", "accounting": a}, {"mode": "x"}])
         self.assertIn("| none | 2 | 300 | 1.0 | 10 / 20 / 30 | - |", md)
         a.update(guest_pids=12, pids_outside=0)
