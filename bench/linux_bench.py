@@ -180,6 +180,18 @@ def fphd_cpu(pid):
     return stat_s, sched_ns / 1e9, sys_s
 
 
+def discarded_bytes(url):
+    """fphd's own count of bytes it discarded (all VMs), for comparison only:
+    reclaim is always the kernel-measured drop."""
+    import urllib.request
+    total = 0.0
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("fphd_discarded_bytes_total"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class Fphd:
     def __init__(self, build, workdir):
         self.sock = os.path.join(workdir, "fphd.sock")
@@ -190,8 +202,10 @@ class Fphd:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with open(self.out.name) as f:
-                if '"event":"ready"' in f.read():
-                    return
+                text = f.read()
+            if '"event":"ready"' in text:
+                self.url = re.search(r'"metrics":"([^"]*)"', text).group(1)
+                return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -238,6 +252,7 @@ def one_run(args, n, rep, root, workdir):
         idle1 = fphd_cpu(fphd.proc.pid)
         idle_rate = (idle1[1] - idle0[1]) / (time.monotonic() - t_idle0)
 
+        disc0 = discarded_bytes(fphd.url)
         cpu0 = fphd_cpu(fphd.proc.pid)
         t_cpu0 = time.monotonic()
         for g in guests:
@@ -274,6 +289,7 @@ def one_run(args, n, rep, root, workdir):
             time.sleep(0.05)
         cpu1 = fphd_cpu(fphd.proc.pid)
         window = time.monotonic() - t_cpu0
+        disc1 = discarded_bytes(fphd.url)
         final = [g.ram_bytes() for g in guests]
         reclaimed = sum(p - f for p, f in zip(peak, final))
 
@@ -293,7 +309,7 @@ def one_run(args, n, rep, root, workdir):
             "guests": n, "rep": rep, "freed_mib": freed_mib,
             "freed_bytes": freed, "peak_bytes": peak, "final_bytes": final,
             "t50": t50, "t90": t90, "window_s": window,
-            "reclaimed_bytes": reclaimed,
+            "reclaimed_bytes": reclaimed, "discarded_bytes": disc1 - disc0,
             "cpu_stat_s": cpu1[0] - cpu0[0], "cpu_sched_s": cpu1[1] - cpu0[1],
             "idle_cpu_per_s": idle_rate, "cpu_sys_s": cpu1[2] - cpu0[2],
             "corrupted_pages": corrupted,
@@ -378,6 +394,7 @@ def main():
                       f" ms/GiB={r['cpu_sched_s'] * 1e3 / gib if gib > 0 else float('nan'):.1f}"
                       f" idle_cpu_ms_per_s={r['idle_cpu_per_s'] * 1e3:.2f}"
                       f" raw_punch_ms_per_gib={r['raw_punch_ms_per_gib']:.0f}"
+                      f" fphd_discarded_mib={r['discarded_bytes'] / MIB:.0f}"
                       f" window_s={r['window_s']:.1f} corrupted_pages={r['corrupted_pages']} load1={r['loadavg']}",
                       flush=True)
                 if r["corrupted_pages"] != 0 or any(t is None for t in r["t90"]):
