@@ -21,6 +21,23 @@ cd "$(dirname "$0")/.."
 
 # The real-Linux mode: UML guests against fphd. Runs and exits; the
 # fph-guest mode below is untouched.
+# fphd on one shared socket $RUN/fphd.sock, metrics on $1 (the caller retries
+# with port 0 if that port is taken), any further arguments passed on; waits
+# for its ready line. Sets FPHD_PID.
+start_fphd() {
+  local metrics=$1
+  shift
+  "$BUILD"/daemon/fphd --listen "$RUN/fphd.sock" --metrics "$metrics" "$@" \
+    >"$RUN/fphd.out" 2>"$RUN/fphd.log" &
+  FPHD_PID=$!
+  for _ in $(seq 100); do
+    grep -q '"event":"ready"' "$RUN/fphd.out" 2>/dev/null && return 0
+    kill -0 "$FPHD_PID" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
 linux_demo() {
   GUESTS=${GUESTS:-3}
   MEMORY=${MEMORY:-512M}
@@ -59,18 +76,8 @@ linux_demo() {
   trap cleanup_linux EXIT
   trap 'exit 130' INT TERM
 
-  start_fphd() {
-    "$BUILD"/daemon/fphd --listen "$RUN/fphd.sock" --admin-socket "$RUN/admin.sock" --metrics "$1" \
-      >"$RUN/fphd.out" 2>"$RUN/fphd.log" &
-    FPHD_PID=$!
-    for _ in $(seq 100); do
-      grep -q '"event":"ready"' "$RUN/fphd.out" 2>/dev/null && return 0
-      kill -0 "$FPHD_PID" 2>/dev/null || return 1
-      sleep 0.1
-    done
-    return 1
-  }
-  start_fphd "$METRICS" || start_fphd 127.0.0.1:0 || { cat "$RUN/fphd.log"; exit 1; }
+  start_fphd "$METRICS" --admin-socket "$RUN/admin.sock" ||
+    start_fphd 127.0.0.1:0 --admin-socket "$RUN/admin.sock" || { cat "$RUN/fphd.log"; exit 1; }
   URL=$(sed -n 's/.*"metrics":"\([^"]*\)".*/\1/p' "$RUN/fphd.out")
   echo "fphd running (pid $FPHD_PID), metrics at $URL"
 
@@ -223,17 +230,6 @@ backing() {
 }
 mib() { echo $(( $1 / 1048576 )); }
 
-# fphd: one shared socket; if the metrics port is taken, any free port.
-start_fphd() {
-  "$BUILD"/daemon/fphd --listen "$RUN/fphd.sock" --metrics "$1" >"$RUN/fphd.out" 2>"$RUN/fphd.log" &
-  FPHD_PID=$!
-  for _ in $(seq 100); do
-    grep -q '"event":"ready"' "$RUN/fphd.out" 2>/dev/null && return 0
-    kill -0 "$FPHD_PID" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
 start_fphd "$METRICS" || start_fphd 127.0.0.1:0 || { cat "$RUN/fphd.log"; exit 1; }
 URL=$(sed -n 's/.*"metrics":"\([^"]*\)".*/\1/p' "$RUN/fphd.out")
 echo "fphd running (pid $FPHD_PID), metrics at $URL"
