@@ -32,6 +32,10 @@ vu = {
     "set_mem_table_2": msg(5, struct.pack("<II", 2, 0)
                            + region(0, 0x80000000, 0x7f0000000000, 0)
                            + region(0x100000000, 0x40000000, 0x7f4000000000, 0x80000000)),
+    # Linux virtio_uml: a two-slot table announcing one region (72 bytes).
+    "set_mem_table_uml": msg(5, struct.pack("<II", 1, 0)
+                             + region(0x1000000, 0x1f000000, 0x1000000, 0x1000000)
+                             + bytes(32)),
     "set_log_base": msg(6, struct.pack("<QQ", 0x10000, 0)),
     "set_vring_num": msg(8, struct.pack("<II", 2, 32)),
     "set_vring_addr": msg(9, struct.pack("<IIQQQQ", 2, 1, 0x7f0000001000, 0x7f0000002000,
