@@ -140,6 +140,15 @@ std::string Process::stderr_text() const {
   return ss.str();
 }
 
+std::optional<nlohmann::json> wait_event_sampling_peak(Process& guest, const std::string& event,
+                                                       int64_t* peak) {
+  const auto deadline = std::chrono::steady_clock::now() + kPatience;
+  std::optional<nlohmann::json> seen;
+  while (!(seen = guest.wait_event(event, 20ms)) && std::chrono::steady_clock::now() < deadline)
+    *peak = std::max(*peak, memfd_allocated_bytes(guest.pid()));
+  return seen;
+}
+
 int64_t memfd_allocated_bytes(pid_t pid, const std::string& memfd_name) {
   const std::string dir = "/proc/" + std::to_string(pid) + "/fd";
   DIR* d = opendir(dir.c_str());

@@ -79,6 +79,12 @@ using probe::metric_sum;
 // Bytes the kernel holds for the memfds (name containing `memfd_name`) that
 // process `pid` has open: st_blocks * 512 summed over distinct inodes.
 int64_t memfd_allocated_bytes(pid_t pid, const std::string& memfd_name = "fph-guest-ram");
+// Waits for the guest's `event` (normally "workload_freed") while sampling its
+// memfd backing into *peak. The peak is only known once the workload has
+// stopped writing: stopping at the first sample over a threshold can catch it
+// part-way, and then less than the test expects can ever come back.
+std::optional<nlohmann::json> wait_event_sampling_peak(Process& guest, const std::string& event,
+                                                       int64_t* peak);
 
 // Polls `pred` every 200 ms until true or `timeout` passes.
 template <class Pred>
