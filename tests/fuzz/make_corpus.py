@@ -121,3 +121,49 @@ balloon_stats = {
 }
 for name, data in balloon_stats.items():
     write("fuzz_balloon_stats", name, data)
+
+# ---- fuzz_device_state: migration blob, proto/include/fph/proto/device_state.h ----
+def crc32c(data):
+    crc = 0xffffffff
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82f63b78 if crc & 1 else crc >> 1
+    return crc ^ 0xffffffff
+
+
+assert crc32c(b"123456789") == 0xe3069283
+
+
+def devstate(fields, version=1, flags=0):
+    """Header + {le16 type; le16 length; value; zero padding to 4} fields, sealed."""
+    body = b""
+    for t, v in fields:
+        body += struct.pack("<HH", t, len(v)) + v
+        body += bytes(-len(body) % 4)
+    blob = bytearray(struct.pack("<IHHII", 0x53485046, version, flags, 16 + len(body), 0) + body)
+    struct.pack_into("<I", blob, 12, crc32c(blob))
+    return bytes(blob)
+
+
+ds_required = [
+    (0x0001, struct.pack("<Q", (1 << 32) | (1 << 29) | (1 << 5) | (1 << 1))),
+    (0x0002, struct.pack("<Q", 0x1b)),
+    (0x0003, struct.pack("<IIII", 256, 128, 0, 0xaa)),
+    (0x0004, struct.pack("<Q", 3)),
+    (0x0005, struct.pack("<I", 1)),
+    (0x0006, struct.pack("<I", 0x0f)),
+]
+ds_counters = (0x8001, struct.pack("<QQQQ", 1 << 30, 1 << 29, 4096, 1234))
+ds_seeds = {
+    "required_only": devstate(ds_required),
+    "full": devstate(ds_required + [ds_counters, (0x8002, "web01@h\u00f4te".encode())]),
+    "unknown_optional": devstate(ds_required[:3] + [(0x8123, b"hello")] + ds_required[3:]),
+    "reversed": devstate(list(reversed(ds_required)) + [(0x8002, b"abcde")]),
+    "unknown_required": devstate(ds_required + [(0x0007, struct.pack("<I", 1))]),
+    "duplicate": devstate(ds_required + [ds_required[0]]),
+    "missing_status": devstate(ds_required[:5]),
+    "version_2": devstate(ds_required, version=2),
+}
+for name, data in ds_seeds.items():
+    write("fuzz_device_state", name, data)
