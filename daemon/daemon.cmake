@@ -8,6 +8,9 @@
 #                translate ranges, submit, return chains), stats_service.cpp
 #                (the stats queue: parse and hold the driver's stats buffer),
 #                the reclaim state and refault samplers
+#   migration/   live migration: dirty_log.cpp (the shared dirty bitmap),
+#                state_transfer.cpp (the SAVE/LOAD pipe), session_migration.cpp
+#                (the session's migration messages)
 #   ../reclaim   node pipelines (node_pipeline.cpp) and discard primitives (discard.cpp)
 #   ops/         operating it: metrics, admin socket, config, systemd, run()
 pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
@@ -21,6 +24,9 @@ add_library(fph_daemon STATIC
   src/balloon/stats_service.cpp
   src/balloon/refault_sampler.cpp
   src/balloon/sampler.cpp
+  src/migration/dirty_log.cpp
+  src/migration/state_transfer.cpp
+  src/migration/session_migration.cpp
   src/ops/metrics.cpp
   src/ops/node_collector.cpp
   src/ops/admin.cpp

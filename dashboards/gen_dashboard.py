@@ -132,6 +132,19 @@ panel("Discard duration quantiles", [
     (f"sum by (node) (rate(fphd_discarded_bytes_total{{{SEL},node=~\"$node\"}}[{RI}])) / sum by (node) (rate(fphd_discard_syscalls_total{{{NODE}}}[{RI}]))", "bytes per syscall node {{node}}"),
 ], unit="s", desc="Time in discard syscalls per pipeline batch; bytes per syscall is the effective coalesced size.")
 
+row("Migration")
+panel("Migration state per VM", [
+    (f"max by (vm, state) (fphd_vm_migration_state{{{VM}}})", "{{vm}} {{state}}"),
+], kind="state-timeline", desc="none, logging (precopy: dirty log on), stopped (rings stopped while logging), saving/saved "
+   "(device state sent), loaded (received on the destination; epoch bumped), failed (the last transfer failed: fphctl migration).",
+    extra={"options": {"showValue": "never", "mergeValues": True}})
+panel("Dirty-log pages and device-state transfers", [
+    (f"sum by (vm) (rate(fphd_dirty_log_pages_total{{{VM}}}[{RI}]))", "{{vm}} pages marked/s"),
+    (f"sum by (vm, direction, outcome) (increase(fphd_device_state_transfers_total{{{VM}}}[{RI}]))", "{{vm}} {{direction}} {{outcome}}"),
+    (f"sum by (vm, direction) (increase(fphd_device_state_bytes_total{{{VM}}}[{RI}]))", "{{vm}} {{direction}} bytes"),
+], desc="Pages fphd marked in the VMM's dirty log (used-ring writes and discarded ranges, which the VMM then sends again), "
+   "and device-state transfers by outcome.")
+
 row("Host")
 panel("Node free memory", [
     (f"sum by (node) (fphd_node_memory_free_bytes{{{NODE}}})", "free node {{node}}"),

@@ -88,6 +88,16 @@ void print_human(const std::string& cmd, const json& ret) {
                       rate ? human_bytes(rate) + "/s" : "unlimited", human_bytes(n["counters"]["discarded"])});
     }
     table({"NODE", "OS", "CPUS", "TOTAL", "FREE", "PRESSURE", "MODE", "RATE-LIMIT", "DISCARDED"}, rows);
+  } else if (cmd == "query-migration") {
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& m : ret)
+      rows.push_back({str(m["name"]), str(m["state"]), str(m["log-all"]), human_bytes(m["log-bytes"]),
+                      str(m["pages-marked"]), str(m["discard-while-logging"]), str(m["epoch"]),
+                      human_bytes(m["state-bytes-sent"]), human_bytes(m["state-bytes-received"]),
+                      m.value("last-error", "").empty() ? "-" : str(m["last-error"])});
+    if (rows.empty()) std::cout << "no sessions\n";
+    else table({"NAME", "STATE", "LOG-ALL", "LOG", "MARKED", "DISCARD-WHILE-LOGGING", "EPOCH", "SENT", "RECEIVED",
+                "LAST-ERROR"}, rows);
   } else if (cmd == "query-yank") {
     std::vector<std::vector<std::string>> rows;
     for (const auto& i : ret) rows.push_back({str(i["type"]), str(i["name"])});
@@ -142,6 +152,14 @@ int main(int argc, char** argv) {
                                      "Set a VM's balloon target (config num_pages, 4 KiB pages); the driver is notified");
   c_pages->add_option("vm", vm, "VM name")->required();
   c_pages->add_option("pages", pages, "Target in 4 KiB pages (0: deflate fully)")->required();
+  auto* c_migration = app.add_subcommand("migration", "Live migration per VM: dirty log, state transfers, epoch (query-migration)");
+  std::string while_logging;
+  auto* c_migpol = app.add_subcommand("set-migration-policy",
+                                      "While a VM is migrated: keep discarding (and log it) or hold discards");
+  c_migpol->add_option("vm", vm, "VM name")->required();
+  c_migpol->add_option("--while-logging", while_logging, "discard (default) or hold")
+      ->required()
+      ->check(CLI::IsMember({"discard", "hold"}));
   auto* c_attach = app.add_subcommand("attach", "Connect to a front end's server socket");
   c_attach->add_option("name", name, "VM name")->required();
   c_attach->add_option("path", path, "The front end's socket")->required();
@@ -167,6 +185,9 @@ int main(int argc, char** argv) {
   else if (c_pause->parsed()) cmd = "pause-reclaim", args = {{"vm", vm}};
   else if (c_resume->parsed()) cmd = "resume-reclaim", args = {{"vm", vm}};
   else if (c_pages->parsed()) cmd = "set-num-pages", args = {{"vm", vm}, {"pages", pages}};
+  else if (c_migration->parsed()) cmd = "query-migration";
+  else if (c_migpol->parsed())
+    cmd = "set-migration-policy", args = {{"vm", vm}, {"discard-while-logging", while_logging == "discard"}};
   else if (c_attach->parsed()) cmd = "attach", args = {{"name", name}, {"path", path}};
   else if (c_detach->parsed()) cmd = "detach", args = {{"name", name}};
   else if (c_yank->parsed()) {

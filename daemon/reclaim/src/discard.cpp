@@ -47,6 +47,7 @@ std::string_view to_string(SkipReason r) {
     case SkipReason::Failed: return "failed";
     case SkipReason::Unsupported: return "unsupported";
     case SkipReason::Cancelled: return "cancelled";
+    case SkipReason::Migrating: return "migrating";
   }
   return "unknown";
 }

@@ -83,6 +83,7 @@ void add_range(RequestPlan& plan, uint16_t head, size_t idx, uint64_t gpa, uint6
   d.page_size = r.page_size;
   d.node = node;
   plan.per_node[node].push_back(d);
+  plan.discard_gpas.emplace_back(gpa, len);
   if (std::find(plan.regions.begin(), plan.regions.end(), t->region) == plan.regions.end())
     plan.regions.push_back(t->region);
 }
@@ -168,6 +169,7 @@ struct PendingRequest {
   std::atomic<bool> cancelled{false};
   uint64_t reported = 0;
   std::vector<std::shared_ptr<MappedRegion>> regions;  // keep mappings alive
+  std::vector<std::pair<uint64_t, uint64_t>> discard_gpas;
 };
 
 // Verified reclaim (the discarder measured the backing's allocated blocks
@@ -208,6 +210,8 @@ void finish(PendingRequest& r) {
   m.request_done(o);
   const double secs = std::chrono::duration<double>(Clock::now() - r.taken).count();
   r.session->context().metrics.observe_request_latency(r.first_node, secs);
+  // The discards are over: a VMM migrating the VM must send these pages again.
+  if (!r.discard_gpas.empty()) r.session->log_discarded(r.discard_gpas);
   r.session->return_chain(r.queue, r.head);
   // Nothing needs the session or the mappings any more: drop them now, not
   // whenever the last copy of the completion callback happens to go away.
@@ -277,6 +281,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
     req->taken = Clock::now();
     req->skipped = pre_skipped;
     req->regions = std::move(plan.regions);
+    req->discard_gpas = std::move(plan.discard_gpas);
     int batches = 0;
     req->first_node = -1;
     for (size_t n = 0; n < plan.per_node.size(); ++n) {

@@ -292,6 +292,35 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
                           }
                           return v;
                         }, "host NUMA nodes: memory, pressure, policy"});
+  d.add("query-migration", {{}, [D](const json&) -> AdminResult {
+                              json v = json::array();
+                              for (const auto& s : D->server.sessions()) {
+                                const MigrationInfo m = s->migration();
+                                v.push_back({{"name", s->name()},
+                                             {"state", std::string(to_string(m.state))},
+                                             {"log-all", m.log_all},
+                                             {"log-bytes", m.log_bytes},
+                                             {"log-covers", m.log_covers},
+                                             {"pages-marked", m.pages_marked},
+                                             {"log-misses", m.log_misses},
+                                             {"discard-while-logging", m.discard_while_logging},
+                                             {"epoch", m.epoch},
+                                             {"state-bytes-sent", m.state_bytes_sent},
+                                             {"state-bytes-received", m.state_bytes_received},
+                                             {"last-transfer-seconds", m.last_transfer_seconds},
+                                             {"last-error", m.last_error}});
+                              }
+                              return v;
+                            }, "live migration per VM: dirty log, device-state transfers, epoch"});
+  d.add("set-migration-policy",
+        {{{"vm", ArgType::String, true}, {"discard-while-logging", ArgType::Boolean, true}},
+         [D](const json& args) -> AdminResult {
+           auto s = need_vm(D->server, args);
+           if (!s) return unexpected(no_vm(args["vm"].get<std::string>()));
+           s->set_discard_while_logging(args["discard-while-logging"].get<bool>());
+           return json::object();
+         },
+         "while the VMM migrates a VM: keep discarding and log it (true), or hold discards (false)"});
   d.add("query-yank", {{}, [D](const json&) -> AdminResult {
                          json v = json::array();
                          for (const auto& s : D->server.sessions())

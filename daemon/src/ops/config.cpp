@@ -102,7 +102,7 @@ class Parser {
       if (!t) fail(*d, "daemon", "must be a table");
       only_keys(*t, "daemon.", {"listen", "admin_socket", "socket_mode", "metrics", "log_level",
                                 "threads_per_node", "stall_limit_seconds", "stats_interval_seconds",
-                                "synthetic_topology"});
+                                "discard_while_logging", "synthetic_topology"});
       if (const auto* n = t->get("listen")) {
         const auto* arr = n->as_array();
         if (!arr) fail(*n, "daemon.listen", "must be an array of socket paths");
@@ -127,6 +127,8 @@ class Parser {
         c.stall_limit_seconds = static_cast<int>(integer(*n, "daemon.stall_limit_seconds", 0, 86400));
       if (const auto* n = t->get("stats_interval_seconds"))
         c.stats_interval_seconds = static_cast<int>(integer(*n, "daemon.stats_interval_seconds", 0, 86400));
+      if (const auto* n = t->get("discard_while_logging"))
+        c.discard_while_logging = boolean(*n, "daemon.discard_while_logging");
       if (const auto* n = t->get("synthetic_topology")) c.synthetic_topology = str(*n, "daemon.synthetic_topology");
     }
     if (const auto* n = root.get("vm")) c.vms = named_paths(*n, "vm");

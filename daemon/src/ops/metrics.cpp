@@ -83,6 +83,25 @@ Metrics::Metrics(const std::string& bind, int nodes)
                             .Help("Requests fphd sent to a front end on its back-end channel (config_change), by VM, "
                                   "request and outcome (sent, failed).")
                             .Register(*registry_)),
+      dirty_pages_(BuildCounter()
+                       .Name("fphd_dirty_log_pages_total")
+                       .Help("Guest pages fphd marked in the VM's dirty log while the VMM was migrating it "
+                             "(used-ring writes and discarded ranges), by VM.")
+                       .Register(*registry_)),
+      state_transfers_(BuildCounter()
+                           .Name("fphd_device_state_transfers_total")
+                           .Help("Device-state transfers (SET_DEVICE_STATE_FD), by VM, direction (save, load) and "
+                                 "outcome (ok, or why it failed).")
+                           .Register(*registry_)),
+      state_bytes_(BuildCounter()
+                       .Name("fphd_device_state_bytes_total")
+                       .Help("Device-state bytes moved through the state pipe, by VM and direction (save, load).")
+                       .Register(*registry_)),
+      migration_state_(BuildGauge()
+                           .Name("fphd_vm_migration_state")
+                           .Help("Migration state of the VM: 1 for the current state (none, logging, stopped, "
+                                 "saving, saved, loaded, failed), 0 for the others.")
+                           .Register(*registry_)),
       syscalls_(BuildCounter()
                     .Name("fphd_discard_syscalls_total")
                     .Help("Discard syscalls issued (including retries), by node and method.")
@@ -354,6 +373,10 @@ VmMetrics::~VmMetrics() {
   for (auto* c : requests_) m_.requests_.Remove(c);
   for (auto& [k, c] : errors_) m_.protocol_errors_.Remove(c);
   for (auto& [k, c] : backend_requests_) m_.backend_requests_.Remove(c);
+  if (dirty_pages_) m_.dirty_pages_.Remove(dirty_pages_);
+  for (auto& [k, c] : transfers_) m_.state_transfers_.Remove(c);
+  for (auto& [k, c] : state_bytes_) m_.state_bytes_.Remove(c);
+  for (auto& [k, g] : migration_state_) m_.migration_state_.Remove(g);
   m_.inflight_.Remove(inflight_);
   m_.guest_memory_.Remove(guest_memory_);
   m_.resident_.Remove(resident_);
@@ -431,6 +454,46 @@ void VmMetrics::backend_request(const std::string& request, bool sent) {
     it = backend_requests_.emplace(key, &c).first;
   }
   it->second->Increment();
+}
+
+void VmMetrics::dirty_pages(uint64_t pages) {
+  if (!pages) return;
+  std::lock_guard lk(err_mu_);
+  if (!dirty_pages_) dirty_pages_ = &m_.dirty_pages_.Add({{"vm", vm_}});
+  dirty_pages_->Increment(static_cast<double>(pages));
+}
+
+void VmMetrics::state_transfer(const std::string& direction, const std::string& outcome, uint64_t bytes) {
+  std::lock_guard lk(err_mu_);
+  auto key = std::make_pair(direction, outcome);
+  auto it = transfers_.find(key);
+  if (it == transfers_.end())
+    it = transfers_.emplace(key, &m_.state_transfers_.Add({{"vm", vm_}, {"direction", direction}, {"outcome", outcome}}))
+             .first;
+  it->second->Increment();
+  auto b = state_bytes_.find(direction);
+  if (b == state_bytes_.end())
+    b = state_bytes_.emplace(direction, &m_.state_bytes_.Add({{"vm", vm_}, {"direction", direction}})).first;
+  if (bytes) b->second->Increment(static_cast<double>(bytes));
+}
+
+void VmMetrics::set_migration_state(std::string_view state) {
+  std::lock_guard lk(err_mu_);
+  if (migration_state_.empty()) {
+    for (auto s : kMigrationStates)
+      migration_state_.emplace(std::string(s), &m_.migration_state_.Add({{"vm", vm_}, {"state", std::string(s)}}));
+    // Counters start at 0 for every VM, so rate() and increase() have a
+    // series before the first migration (failure outcomes appear on first use).
+    if (!dirty_pages_) dirty_pages_ = &m_.dirty_pages_.Add({{"vm", vm_}});
+    for (const char* dir : {"save", "load"}) {
+      auto key = std::make_pair(std::string(dir), std::string("ok"));
+      if (!transfers_.count(key))
+        transfers_.emplace(key, &m_.state_transfers_.Add({{"vm", vm_}, {"direction", dir}, {"outcome", "ok"}}));
+      if (!state_bytes_.count(dir))
+        state_bytes_.emplace(dir, &m_.state_bytes_.Add({{"vm", vm_}, {"direction", dir}}));
+    }
+  }
+  for (auto& [k, g] : migration_state_) g->Set(k == state ? 1 : 0);
 }
 
 void VmMetrics::set_inflight(int64_t n) { inflight_->Set(static_cast<double>(n)); }

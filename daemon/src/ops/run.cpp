@@ -116,6 +116,7 @@ int run_daemon(RunOptions opts) {
   }
   reclaim::NodePipelines pipelines(topo, discarder, policy, probe, popts);
   DaemonContext ctx{topo, pipelines, *metrics, std::chrono::seconds(cfg.stats_interval_seconds)};
+  ctx.discard_while_logging = cfg.discard_while_logging;
   Server server(ctx, scfg);
   if (auto r = server.start(); !r) {
     std::cerr << "fphd: " << r.error() << "\n";

@@ -30,6 +30,19 @@ std::string_view to_string(SessionState s) {
   return "?";
 }
 
+std::string_view to_string(MigrationState s) {
+  switch (s) {
+    case MigrationState::None: return "none";
+    case MigrationState::Logging: return "logging";
+    case MigrationState::Stopped: return "stopped";
+    case MigrationState::Saving: return "saving";
+    case MigrationState::Saved: return "saved";
+    case MigrationState::Loaded: return "loaded";
+    case MigrationState::Failed: return "failed";
+  }
+  return "?";
+}
+
 uint64_t offered_features(const DaemonContext& ctx) {
   return kOfferedFeatures | (ctx.stats_interval.count() > 0 ? balloon::kFStatsVq : 0);
 }
@@ -40,6 +53,8 @@ Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
       wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       name_(std::move(name)),
       vm_metrics_(ctx.metrics.acquire_vm(name_)) {
+  discard_while_logging_ = ctx_.discard_while_logging;
+  vm_metrics_->set_migration_state(to_string(MigrationState::None));
   ctx_.metrics.session_opened();
 }
 
@@ -136,6 +151,7 @@ reclaim::SkipReason Session::skip_reason(uint32_t queue) const {
   if ((features_ & balloon::kFPagePoison) && config_.poison_val != 0)
     return reclaim::SkipReason::Poisoned;  // a discarded page would read 0, not poison_val
   if (paused_) return reclaim::SkipReason::Paused;
+  if (logging_locked() && !discard_while_logging_) return reclaim::SkipReason::Migrating;
   if (queue < kMaxQueues && !vrings_[queue].enabled)
     return reclaim::SkipReason::Stopped;  // started + disabled: no side effects (vu-doc)
   return reclaim::SkipReason::None;
@@ -153,6 +169,7 @@ void Session::run() {
   // checks them finds them zero.
   if (!stopping_ || yanked_) cancel_->store(true);
   ::shutdown(sock_.get(), SHUT_RDWR);  // the peer sees EOF now, not when we are destroyed
+  transfer_.reset();  // ends at its deadline at the latest (at once if cancelled)
   std::unique_lock lk(mu_);
   release_stats_locked(-1);  // a held stats buffer is never waited for
   for (auto& v : vrings_) v.started = false;
@@ -375,6 +392,8 @@ void Session::stop_ring(uint32_t idx) {
   v.started = false;
   v.kick.reset();
   v.ring_regions.clear();
+  if (migration_ == MigrationState::Logging && !any_ring_started_locked())
+    set_migration_state_locked(MigrationState::Stopped);
 }
 
 void Session::reset_device() {
@@ -424,7 +443,10 @@ void Session::return_chain_locked(uint32_t queue, uint16_t head) {
   // The device writes nothing into reported pages, nor into the stats
   // buffer (device-readable): used length 0. An abandoned ring (the driver
   // reset it, see prepare_reconfigure) is not written at all.
-  if (!v.abandoned) v.ring.push_used(head, 0);
+  if (!v.abandoned) {
+    v.ring.push_used(head, 0);
+    log_used_write_locked(v, old);
+  }
   v.requests++;
   if (!v.abandoned && v.call && v.ring.should_notify(old)) {
     // The call fd is an eventfd (QEMU) or a pipe (Linux virtio_uml). It is
@@ -482,8 +504,17 @@ bool Session::handle(vu::Message& m) {
         return true;
       }
       std::lock_guard lk(mu_);
+      const bool was_logging = features_ & vu::feature::kLogAll;
+      const bool logging = *f & vu::feature::kLogAll;
       features_ = *f;
       features_set_ = true;
+      if (logging != was_logging) {
+        log::info("session", "vm={} dirty logging {}{}", name_, logging ? "on" : "off",
+                  logging && !log_ ? " (no log attached yet)" : "");
+        if (logging && log_) set_migration_state_locked(MigrationState::Logging);
+        if (!logging && migration_ == MigrationState::Logging)
+          set_migration_state_locked(MigrationState::None);
+      }
       layout_ = balloon::queue_layout(features_);
       // Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled at once
       // (vu-doc "Ring states").
@@ -711,6 +742,32 @@ bool Session::handle(vu::Message& m) {
       }
       break;
     }
+
+    case Request::SetLogBase:
+      return handle_set_log_base(m);
+
+    case Request::SetLogFd: {
+      // Optional "log updated" eventfd; QEMU's vhost-user front end does not
+      // send it. Non-blocking: a full eventfd already says "updated".
+      UniqueFd fd = m.fds.empty() ? UniqueFd() : std::move(m.fds[0]);
+      if (fd) {
+        const int fl = ::fcntl(fd.get(), F_GETFL);
+        if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) < 0) {
+          fail(m, "bad_payload", fmt::format("log fd: fcntl: {}", std::strerror(errno)));
+          send_ack(m, false);
+          return true;
+        }
+      }
+      std::lock_guard lk(mu_);
+      log_call_ = std::move(fd);
+      break;
+    }
+
+    case Request::SetDeviceStateFd:
+      return handle_set_device_state_fd(m);
+
+    case Request::CheckDeviceState:
+      return handle_check_device_state(m);
 
     case Request::SetBackendReqFd:
       // The payload is empty (vu-doc); the fd count was checked above.

@@ -69,15 +69,6 @@ vq::UsedElem poll_used(FrontEnd& fe) {
   }
 }
 
-struct Pipe {
-  UniqueFd r, w;
-  Pipe() {
-    int p[2];
-    EXPECT_EQ(pipe2(p, O_CLOEXEC), 0);
-    r.reset(p[0]);
-    w.reset(p[1]);
-  }
-};
 
 }  // namespace
 

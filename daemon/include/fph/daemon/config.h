@@ -44,6 +44,9 @@ struct FphdConfig {
   // The stats queue (VIRTIO_BALLOON_F_STATS_VQ): ask each guest for its
   // memory stats this often; 0 = do not offer the feature.
   int stats_interval_seconds = 5;
+  // While a VMM migrates a VM (dirty logging on): keep discarding and mark
+  // the discarded pages in the log (true), or hold discards (false).
+  bool discard_while_logging = true;
   std::string synthetic_topology;
   // [policy]
   PolicyConfig policy;

@@ -30,7 +30,7 @@
 namespace fph::daemon {
 
 inline constexpr size_t kMethods = 4;    // reclaim::Method values
-inline constexpr size_t kSkipReasons = 9;  // reclaim::SkipReason values
+inline constexpr size_t kSkipReasons = 10;  // reclaim::SkipReason values
 
 // Request outcomes: every request ends in exactly one.
 enum class RequestOutcome : uint8_t { Discarded, Partial, Skipped, Invalid, Cancelled };
@@ -46,6 +46,9 @@ std::string_view to_string(ReclaimState s);
 enum class DisabledReason : uint8_t { Poison, NoReporting, MisalignedBacking };
 inline constexpr size_t kDisabledReasons = 3;
 std::string_view to_string(DisabledReason r);
+// fphd_vm_migration_state's states (session.h MigrationState).
+inline constexpr std::string_view kMigrationStates[] = {"none",   "logging", "stopped", "saving",
+                                                        "saved",  "loaded",  "failed"};
 
 class Metrics;
 
@@ -65,6 +68,12 @@ class VmMetrics {
   // A request fphd sent the front end on the back-end channel
   // (`request`: config_change), and whether it could be sent.
   void backend_request(const std::string& request, bool sent);
+  // Live migration (docs/metrics.md "Migration"): dirty-log pages marked,
+  // device-state transfers by direction (save, load) and outcome (ok or the
+  // failure reason), and the migration state (one of kMigrationStates is 1).
+  void dirty_pages(uint64_t pages);
+  void state_transfer(const std::string& direction, const std::string& outcome, uint64_t bytes);
+  void set_migration_state(std::string_view state);
   void set_inflight(int64_t n);
   void set_guest_memory(uint64_t bytes);
   // Verified reclaim: bytes the kernel stopped holding (measured around the
@@ -112,6 +121,10 @@ class VmMetrics {
   std::mutex err_mu_;  // protocol errors are rare: a map is fine
   std::map<std::string, prometheus::Counter*> errors_;
   std::map<std::pair<std::string, bool>, prometheus::Counter*> backend_requests_;  // under err_mu_
+  prometheus::Counter* dirty_pages_ = nullptr;                                     // under err_mu_
+  std::map<std::pair<std::string, std::string>, prometheus::Counter*> transfers_;  // under err_mu_
+  std::map<std::string, prometheus::Counter*> state_bytes_;                        // under err_mu_
+  std::map<std::string, prometheus::Gauge*> migration_state_;                      // under err_mu_
   std::mutex lazy_mu_;
   // Stats queue series, created on first use (under lazy_mu_).
   std::array<prometheus::Gauge*, proto::balloon::kStatTags> guest_stat_{};
@@ -162,6 +175,10 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Counter>& protocol_errors_;
   prometheus::Family<prometheus::Counter>& backend_requests_;
+  prometheus::Family<prometheus::Counter>& dirty_pages_;
+  prometheus::Family<prometheus::Counter>& state_transfers_;
+  prometheus::Family<prometheus::Counter>& state_bytes_;
+  prometheus::Family<prometheus::Gauge>& migration_state_;
   prometheus::Family<prometheus::Counter>& syscalls_;
   prometheus::Family<prometheus::Counter>& sessions_opened_;
   prometheus::Family<prometheus::Gauge>& inflight_;

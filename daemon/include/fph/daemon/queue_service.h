@@ -38,6 +38,9 @@ struct RequestPlan {
   std::vector<std::string> errors;                            // one line per invalid buffer
   std::vector<std::string> error_reasons;                     // metric reason per invalid buffer
   std::vector<std::shared_ptr<MappedRegion>> regions;         // keeps mappings alive
+  // Guest ranges (gpa, length) handed to the discard engine: marked in the
+  // dirty log when the request completes while the VMM is migrating.
+  std::vector<std::pair<uint64_t, uint64_t>> discard_gpas;
   uint64_t invalid_bytes = 0;
   size_t targets() const;
 };

@@ -20,9 +20,11 @@
 #include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
 #include "fph/daemon/backend_channel.h"
+#include "fph/daemon/dirty_log.h"
 #include "fph/daemon/guest_memory.h"
 #include "fph/daemon/metrics.h"
 #include "fph/daemon/refault_sampler.h"
+#include "fph/daemon/state_transfer.h"
 #include "fph/daemon/stats_service.h"
 #include "fph/daemon/vring.h"
 #include "fph/proto/balloon.h"
@@ -40,14 +42,23 @@ struct DaemonContext {
   // How often the stats queue is asked for fresh stats; 0 = STATS_VQ is not
   // offered (config daemon.stats_interval_seconds, --stats-interval).
   std::chrono::milliseconds stats_interval{std::chrono::seconds(5)};
+  // While the VMM migrates a VM (dirty logging on): keep discarding and log
+  // the discarded pages (true), or hold discards until logging ends (false).
+  // The default for new sessions; admin `set-migration-policy` per VM.
+  bool discard_while_logging = true;
+  // A device-state transfer the front end does not finish within this is
+  // abandoned (CHECK_DEVICE_STATE then reports the failure).
+  std::chrono::milliseconds state_transfer_timeout{std::chrono::seconds(10)};
 };
 
 // Features fphd offers (reference 1.1, 4.4). EVENT_IDX is not offered (we
-// do not publish avail_event); LOG_ALL/LOG_SHMFD are not offered yet, so
-// QEMU blocks migration of a VM using fphd rather than migrating it wrong.
+// do not publish avail_event). LOG_ALL with LOG_SHMFD is what QEMU needs to
+// migrate a VM whose device fphd serves (without them it adds a migration
+// blocker): fphd then marks every guest page it changes in the dirty log.
 inline constexpr uint64_t kOfferedFeatures =
     proto::balloon::kFVersion1 | proto::balloon::kFIndirectDesc | proto::balloon::kFPagePoison |
-    proto::balloon::kFReporting | proto::vu::feature::kProtocolFeatures;
+    proto::balloon::kFReporting | proto::vu::feature::kProtocolFeatures |
+    proto::vu::feature::kLogAll;
 inline constexpr uint64_t kOfferedProtocolFeatures =
     proto::vu::protocol::bit(proto::vu::protocol::kReplyAck) |
     proto::vu::protocol::bit(proto::vu::protocol::kConfig) |
@@ -55,13 +66,41 @@ inline constexpr uint64_t kOfferedProtocolFeatures =
     proto::vu::protocol::bit(proto::vu::protocol::kStatus) |
     // The back-end channel: config change notifications. Linux's virtio_uml
     // also needs it to set up its vring interrupts (docs/protocol.md).
-    proto::vu::protocol::bit(proto::vu::protocol::kBackendReq);
+    proto::vu::protocol::bit(proto::vu::protocol::kBackendReq) |
+    // Migration: the shared-memory dirty log and device-state transfer.
+    proto::vu::protocol::bit(proto::vu::protocol::kLogShmfd) |
+    proto::vu::protocol::bit(proto::vu::protocol::kDeviceState);
 // What a session offers: the above, plus STATS_VQ when a stats interval is set.
 uint64_t offered_features(const DaemonContext& ctx);
 inline constexpr uint32_t kMaxQueues = 5;  // inflate, deflate, stats, free page, reporting
 
 enum class SessionState : uint8_t { Negotiating, Active, Stopped, Closing };
 std::string_view to_string(SessionState s);
+
+// Where a VM is in a live migration, as fphd sees it:
+//   none     no dirty logging, no state transferred
+//   logging  VHOST_F_LOG_ALL on with a log attached: precopy is running
+//   stopped  the rings were stopped (GET_VRING_BASE) while logging
+//   saving   SAVE transfer running; saved: it completed
+//   loaded   LOAD completed (destination); the epoch was bumped
+//   failed   the last transfer failed (CHECK_DEVICE_STATE reported it)
+enum class MigrationState : uint8_t { None, Logging, Stopped, Saving, Saved, Loaded, Failed };
+std::string_view to_string(MigrationState s);
+
+struct MigrationInfo {
+  MigrationState state = MigrationState::None;
+  bool log_all = false;        // VHOST_F_LOG_ALL acked
+  uint64_t log_bytes = 0;      // 0: no log attached
+  uint64_t log_covers = 0;     // guest bytes the log covers
+  uint64_t pages_marked = 0;   // by this session, all logs
+  uint64_t log_misses = 0;     // writes the log did not cover (counted as protocol errors)
+  bool discard_while_logging = true;
+  uint64_t epoch = 0;          // bumped on every successful LOAD
+  uint64_t state_bytes_sent = 0;
+  uint64_t state_bytes_received = 0;
+  double last_transfer_seconds = 0;
+  std::string last_error;
+};
 
 struct SessionInfo {
   std::string name;
@@ -116,6 +155,15 @@ class Session : public std::enable_shared_from_this<Session> {
   // notification cannot be sent (the driver reads it at its next config
   // read); the error says why it was not sent.
   Expected<void, std::string> set_num_pages(uint32_t pages);
+  MigrationInfo migration() const;
+  void set_discard_while_logging(bool on);
+
+  // Called by the queue service when a request's discards are over (before
+  // its chain is returned): while dirty logging is on, marks the ranges it
+  // discarded (a discarded page reads as zero now, so the VMM must send it
+  // again). Logging may have been turned on while the discard ran: the
+  // state at completion decides, so no discard escapes the log.
+  void log_discarded(std::span<const std::pair<uint64_t, uint64_t>> gpa_ranges);
 
   // Called by the queue service (pipeline threads): return a chain to the
   // used ring and notify the driver if it wants it.
@@ -156,6 +204,16 @@ class Session : public std::enable_shared_from_this<Session> {
   // SET_VRING_NUM/BASE/ADDR on a started ring: see session.cpp.
   bool prepare_reconfigure(const proto::vu::Message& m, uint32_t idx, bool refuse_if_enabled);
   void reset_device();
+  // Dirty log (mu_ held): marks [gpa, gpa+len) if logging is on.
+  bool logging_locked() const { return (features_ & proto::vu::feature::kLogAll) && log_; }
+  void log_write_locked(uint64_t gpa, uint64_t len);
+  void log_used_write_locked(const Vring& v, uint16_t used_idx_before);
+  // Migration messages (session_migration.cpp).
+  bool handle_set_log_base(proto::vu::Message& m);
+  bool handle_set_device_state_fd(proto::vu::Message& m);
+  bool handle_check_device_state(proto::vu::Message& m);
+  void set_migration_state_locked(MigrationState s);
+  bool any_ring_started_locked() const;
 
   DaemonContext& ctx_;
   UniqueFd sock_;
@@ -182,6 +240,20 @@ class Session : public std::enable_shared_from_this<Session> {
   Vring vrings_[kMaxQueues];
   int inflight_total_ = 0;
   StatsService stats_;  // its held chain is guarded by mu_
+
+  // Migration, guarded by mu_.
+  std::shared_ptr<DirtyLog> log_;  // SET_LOG_BASE
+  UniqueFd log_call_;              // SET_LOG_FD: signalled after marking
+  uint64_t log_misses_ = 0;
+  uint64_t pages_marked_ = 0;
+  std::atomic<bool> discard_while_logging_{true};
+  uint64_t epoch_ = 0;
+  MigrationState migration_ = MigrationState::None;
+  std::string migration_error_;
+  uint64_t state_sent_ = 0, state_received_ = 0;
+  double last_transfer_seconds_ = 0;
+  // Session thread only: the running or finished device-state transfer.
+  std::unique_ptr<StateTransfer> transfer_;
 };
 
 }  // namespace fph::daemon

@@ -40,6 +40,7 @@ enum class SkipReason : uint8_t {
   Failed,       // the syscall failed (errno in DiscardOutcome::error)
   Unsupported,  // no primitive for this backing/method combination
   Cancelled,    // session torn down before the work ran
+  Migrating,    // dirty logging on and the VM's policy holds discards while migrating (session level)
 };
 
 std::string_view to_string(Backing b);
