@@ -68,6 +68,7 @@ Expected<void, std::string> validate(Config& c) {
   if (c.capacity * static_cast<size_t>(c.max_inflight) > 1024)
     return bad("--capacity * --max-inflight must be <= 1024 (reporting ring size)");
   if (c.reporting_delay.count() < 0) return bad("--reporting-delay-ms must be >= 0");
+  if (c.epoch_poll.count() < 0) return bad("--epoch-poll-ms must be >= 0");
   if (c.repeat < 1) return bad("--repeat must be >= 1");
   if (c.regions < 1 || c.regions > 64) return bad("--regions must be 1..64");
   if (c.mem_table && c.regions > 8) return bad("--mem-table carries at most 8 regions");
@@ -232,6 +233,11 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
     sum["lazy_zero_frames"] = e.checker.lazy_zero_frames();
     sum["lazy_kept_frames"] = e.checker.lazy_kept_frames();
   }
+  if constexpr (std::is_same_v<Dev, BalloonDriver>) {
+    const auto ep = driver.epoch();
+    sum["epoch"] = ep ? json(*ep) : json(nullptr);
+    sum["epoch_changes"] = driver.epoch_changes();
+  }
   e.events.emit(sum);
   if (code == kExitConnectionLost)
     log::error("agent", "exiting: {}", driver.exit_message());
@@ -348,6 +354,10 @@ int run(const Config& c, EventSink& events) {
     if (reconnected)
       events.emit({{"event", "reconnected"}, {"features", n.features}});
   };
+  hooks.on_epoch_changed = [&](uint32_t from, uint32_t to, uint64_t forgotten_bytes) {
+    events.emit({{"event", "epoch_changed"}, {"from", from}, {"to", to},
+                 {"forgotten_bytes", forgotten_bytes}});
+  };
 
   Env env{c, events, mem, buddy, zone, counters, checker, workload, resident, sigfd.get(), completed.get()};
 
@@ -404,6 +414,8 @@ int run(const Config& c, EventSink& events) {
   dopt.frontend.poison = c.poison;
   dopt.frontend.force_mem_table = c.mem_table;
   dopt.frontend.stats = !c.no_stats;
+  dopt.frontend.epoch = !c.no_epoch;
+  dopt.epoch_poll = c.epoch_poll;
   dopt.reporting.order = c.reporting_order;
   dopt.reporting.capacity = c.capacity;
   dopt.reporting.delay = c.reporting_delay;
@@ -451,6 +463,7 @@ int run(const Config& c, EventSink& events) {
                {"protocol_features", neg->protocol},
                {"reporting", neg->reporting()},
                {"stats", neg->stats()},
+               {"epoch", neg->epoch ? json(*neg->epoch) : json(nullptr)},
                {"poison", neg->poison() ? json(neg->config.poison_val) : json(nullptr)},
                {"reporting_order", c.reporting_order},
                {"resident_bytes", resident_bytes}});

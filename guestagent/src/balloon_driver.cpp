@@ -178,7 +178,61 @@ FeResult<Negotiated> BalloonDriver::setup(UniqueFd sock, bool reconnected) {
   if (!inflight.empty())
     log::info("driver", "re-posted {} in-flight reporting request(s)", inflight.size());
   if (hooks_.on_connected) hooks_.on_connected(*n, reconnected);
+  // The epoch read during negotiate() is compared with the one remembered
+  // from the previous connection, so a reconnect to a migration destination
+  // (or to an fphd restarted after a bump) reports everything again. No
+  // epoch in that read (a back end that does not serve offset 16 yet): no
+  // polling either, each read would only be refused again.
+  epoch_polling_ = n->epoch.has_value() && opts_.epoch_poll.count() > 0;
+  next_epoch_poll_ = Clock::now() + opts_.epoch_poll;
+  if (n->epoch) observe_epoch(*n->epoch);
   return n;
+}
+
+bool BalloonDriver::poll_epoch(std::string* why) {
+  // Safe to do synchronously: only this thread uses the control socket once
+  // the loop runs, and every request we make is answered before the next,
+  // so the next message on the socket is this reply (or EOF, or something
+  // unsolicited, which read_reply() refuses -- the loop would drop the
+  // connection for those anyway).
+  auto e = fe_->read_epoch();
+  if (!e) {
+    *why = e.error().message;
+    return false;
+  }
+  if (!*e) {
+    log::warn("driver", "GET_CONFIG(epoch) returned no data; no longer polling the epoch on this "
+              "connection");
+    epoch_polling_ = false;
+    return true;
+  }
+  epoch_reads_++;
+  observe_epoch(**e);
+  return true;
+}
+
+void BalloonDriver::observe_epoch(uint32_t e) {
+  const int64_t old = epoch_.exchange(e);
+  if (old < 0 || static_cast<uint32_t>(old) == e) return;
+  const auto from = static_cast<uint32_t>(old);
+  // Reported blocks may be backed again on this host (the destination of a
+  // migration holds pages the source had discarded), and the guest never
+  // reports a block twice: drop the marks so the next passes report every
+  // free block again, batched and budgeted as usual. Blocks in flight keep
+  // theirs: they are being reported to the current back end right now (or
+  // were re-posted to it by setup()). The marks are dropped even when
+  // reporting is off on this connection, so a later one reports them.
+  uint64_t forgotten = 0;
+  if (reporting_enabled_) {
+    forgotten = reporting_->reset_reported_marks();
+  } else {
+    std::lock_guard lk(zone_);
+    forgotten = buddy_.forget_reported();
+  }
+  epoch_changes_++;
+  log::info("driver", "epoch {} -> {}: reporting all free memory again ({} MiB had been reported)",
+            from, e, forgotten * kFrameSize >> 20);
+  if (hooks_.on_epoch_changed) hooks_.on_epoch_changed(from, e, forgotten * kFrameSize);
 }
 
 bool BalloonDriver::post(const ReportRequest& r) {
@@ -289,6 +343,7 @@ void BalloonDriver::drain_used() {
 
 void BalloonDriver::drop_connection() {
   fe_.reset();
+  epoch_polling_ = false;
   queues_.clear();
   head_to_id_.clear();
   report_q_ = -1;
@@ -323,9 +378,20 @@ void BalloonDriver::join() {
 void BalloonDriver::loop() {
   while (!stop_.load()) {
     drain_used();
+    if (epoch_polling_ && Clock::now() >= next_epoch_poll_) {
+      std::string why;
+      if (!poll_epoch(&why)) {
+        if (!connection_lost("epoch read: " + why)) return;
+        continue;
+      }
+      // From now, not from the deadline: a slow reply must not make the
+      // polls pile up back to back.
+      next_epoch_poll_ = Clock::now() + opts_.epoch_poll;
+    }
     auto now = Clock::now();
     auto next = Clock::time_point::max();
     if (reporting_enabled_) next = reporting_->poll(now);
+    if (epoch_polling_) next = std::min(next, next_epoch_poll_);
     now = Clock::now();
     auto wait = opts_.max_sleep;
     if (next != Clock::time_point::max()) {
@@ -370,19 +436,23 @@ void BalloonDriver::loop() {
         why = fmt::format("unsolicited {} from the back end",
                           proto::vu::request_name(m->header.request));
       }
-      const size_t inflight = inflight_requests();
-      drop_connection();
-      if (!opts_.reconnect) {
-        log::error("driver", "connection lost: {} ({} request(s) in flight stay isolated)", why,
-                   inflight);
-        finish(Exit::ConnectionLost, "connection lost: " + why);
-        return;
-      }
-      log::warn("driver", "connection lost: {}; reconnecting ({} request(s) in flight stay "
-                "isolated)", why, inflight);
-      if (!reconnect_loop()) return;
+      if (!connection_lost(why)) return;
     }
   }
+}
+
+bool BalloonDriver::connection_lost(const std::string& why) {
+  const size_t inflight = inflight_requests();
+  drop_connection();
+  if (!opts_.reconnect) {
+    log::error("driver", "connection lost: {} ({} request(s) in flight stay isolated)", why,
+               inflight);
+    finish(Exit::ConnectionLost, "connection lost: " + why);
+    return false;
+  }
+  log::warn("driver", "connection lost: {}; reconnecting ({} request(s) in flight stay "
+            "isolated)", why, inflight);
+  return reconnect_loop();
 }
 
 bool BalloonDriver::reconnect_loop() {

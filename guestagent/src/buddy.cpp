@@ -205,7 +205,8 @@ bool BuddyAllocator::is_reported(uint64_t frame) const {
 
 BuddyStats BuddyAllocator::stats() const { return stats_; }
 
-void BuddyAllocator::clear_reported_marks() {
+uint64_t BuddyAllocator::forget_reported() {
+  const uint64_t forgotten = stats_.reported_frames;
   for (int o = 0; o <= kMaxOrder; ++o) {
     const uint32_t rh = list_head_[o][1];
     if (rh == kNil) continue;
@@ -224,6 +225,7 @@ void BuddyAllocator::clear_reported_marks() {
     list_len_[o][1] = 0;
   }
   stats_.reported_frames = 0;
+  return forgotten;
 }
 
 FrameState BuddyAllocator::frame_state(uint64_t frame, Block* block) const {

@@ -142,6 +142,9 @@ uint64_t choose_features(uint64_t offered, const FrontendOptions& o) {
   uint64_t want = bal::kFVersion1 | vu::feature::kProtocolFeatures;
   if (o.reporting) want |= bal::kFReporting;
   if (o.stats) want |= bal::kFStatsVq;  // Linux always negotiates it when offered
+  // fph's extension: Linux never acks it; we read the epoch with GET_CONFIG,
+  // so without CONFIG the bit is useless but harmless (fph_epoch() is false).
+  if (o.epoch) want |= bal::kFFphEpoch;
   if (o.poison) {
     want |= bal::kFPagePoison;
     // lx-bal virtballoon_validate: a driver that poisons free pages must
@@ -320,6 +323,17 @@ FeResult<Negotiated> Frontend::negotiate(const GuestMemory& mem, const FrontendO
         return Unexpected<FrontendError>{s.error()};
       neg_.config.poison_val = v;
     }
+    // fph's epoch: read once here, then the driver polls it (no back-end
+    // channel for CONFIG_CHANGE_MSG). A back end that cannot serve it yet
+    // gives "no epoch", not a failed setup.
+    if (neg_.fph_epoch()) {
+      auto e = read_epoch();
+      if (!e) return Unexpected<FrontendError>{e.error()};
+      neg_.epoch = *e;
+      if (!*e)
+        log::warn("frontend", "epoch negotiated but GET_CONFIG(offset {}, 4) returned no data; "
+                  "treating the epoch as unknown", bal::kOffFphEpoch);
+    }
   }
 
   if (auto s = set_status(bal::kStatusAcknowledge | bal::kStatusDriver | bal::kStatusFeaturesOk);
@@ -392,5 +406,26 @@ FeResult<uint32_t> Frontend::stop_queue(uint32_t index) {
 }
 
 FeResult<void> Frontend::reset_status() { return set_status(0); }
+
+FeResult<std::optional<uint32_t>> Frontend::read_epoch() {
+  if (!neg_.fph_epoch()) return std::optional<uint32_t>{};
+  vu::ConfigPayload req;
+  req.offset = bal::kOffFphEpoch;
+  req.size = 4;
+  req.data.assign(4, 0);
+  auto rep = call(vu::Request::GetConfig, vu::encode_config(req));
+  if (!rep) return Unexpected<FrontendError>{rep.error()};
+  auto cfg = vu::parse_config(*rep);
+  if (!cfg || cfg->offset != bal::kOffFphEpoch || cfg->size != 4 || cfg->data.size() != 4) {
+    log::debug("frontend", "GET_CONFIG(offset {}, 4): {}", bal::kOffFphEpoch,
+               cfg ? fmt::format("reply covers [{}, +{})", cfg->offset, cfg->size)
+                   : cfg.error().message());
+    return std::optional<uint32_t>{};
+  }
+  const auto& d = cfg->data;
+  return std::optional<uint32_t>{static_cast<uint32_t>(d[0]) | static_cast<uint32_t>(d[1]) << 8 |
+                                 static_cast<uint32_t>(d[2]) << 16 |
+                                 static_cast<uint32_t>(d[3]) << 24};
+}
 
 }  // namespace fph::guest

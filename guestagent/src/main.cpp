@@ -51,6 +51,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--no-reporting", c.no_reporting, "do not negotiate free page reporting");
   app.add_flag("--no-stats", c.no_stats, "do not negotiate the stats queue (STATS_VQ)");
+  app.add_flag("--no-epoch", c.no_epoch,
+               "do not negotiate fph's migration epoch (no re-report after a migration)");
+  int epoch_poll_ms = 1000;
+  app.add_option("--epoch-poll-ms", epoch_poll_ms,
+                 "read the migration epoch every N ms (0 = only at connect)")
+      ->capture_default_str();
   app.add_option("--poison", poison, "negotiate PAGE_POISON with this poison_val (hex)");
   app.add_option("--workload", workload,
                  "none | alloc-free:SIZE[:HOLD_MS] | churn:SIZE:SECONDS | trace:FILE "
@@ -120,6 +126,7 @@ int main(int argc, char** argv) {
   if (local_reclaim == "dontneed") c.local_reclaim = LocalMethod::Dontneed;
   else if (local_reclaim == "free") c.local_reclaim = LocalMethod::Free;
   c.reporting_delay = std::chrono::milliseconds(delay_ms);
+  c.epoch_poll = std::chrono::milliseconds(epoch_poll_ms);
   c.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_timeout * 1000));
   if (duration > 0) c.duration = std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
   if (auto v = validate(c); !v) return fail(v.error());

@@ -188,15 +188,17 @@ std::vector<ReportRequest> PageReporting::inflight() const {
   return inflight_;
 }
 
-void PageReporting::reset_reported_marks() {
+uint64_t PageReporting::reset_reported_marks() {
   std::function<void()> wake;
+  uint64_t forgotten = 0;
   {
     std::lock_guard zl(zone_lock_);
     std::lock_guard lk(mu_);
-    buddy_.clear_reported_marks();
+    forgotten = buddy_.forget_reported();
     if (buddy_.unreported_candidate_blocks(opts_.order) > 0 && request_locked(nullptr)) wake = wakeup_;
   }
   if (wake) wake();
+  return forgotten;
 }
 
 ReportingState PageReporting::state() const {

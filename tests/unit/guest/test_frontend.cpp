@@ -19,6 +19,8 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <thread>
 
 #include "fph/common/checked.h"
@@ -343,6 +345,13 @@ struct DeviceOptions {
   // anything reported) -- the guest must notice.
   uint64_t extra_punch_gpa = 0;
   uint64_t extra_punch_len = 0;
+  // fph's migration epoch at config offset 16 (offered with bal::kFFphEpoch
+  // in `features`). serve_epoch false: refuse reads past the standard 16
+  // bytes with an empty reply, like an fphd from before the epoch was
+  // published.
+  uint32_t epoch = 0;
+  bool serve_epoch = true;
+  uint64_t bump_epoch_at_read = 0;  // > 0: the epoch goes up by one at this epoch read
 };
 
 // The device side of one connection. One thread: control messages and
@@ -377,6 +386,9 @@ class TestDevice {
   uint64_t stats_free() const { return stats_free_.load(); }
   uint64_t punched() const { return punched_.load(); }
   bool exited() const { return exited_.load(); }
+  void set_epoch(uint32_t e) { epoch_ = e; }
+  // GET_CONFIG requests that covered the epoch (answered or refused).
+  uint64_t epoch_reads() const { return epoch_reads_.load(); }
 
  private:
   struct Region {
@@ -560,9 +572,21 @@ class TestDevice {
         bal::Config cfg;
         cfg.num_pages = 0;
         cfg.poison_val = poison_;
-        auto bytes = bal::encode_config(cfg);
+        const auto std_bytes = bal::encode_config(cfg);
+        std::vector<uint8_t> bytes(std_bytes.begin(), std_bytes.end());
+        if (uint64_t{c->offset} + c->size > bal::kOffFphEpoch &&
+            ++epoch_reads_ == o_.bump_epoch_at_read)
+          epoch_++;
+        const uint32_t e = epoch_.load();
+        for (int i = 0; i < 4; ++i) bytes.push_back(static_cast<uint8_t>(e >> (8 * i)));
+        const uint64_t limit = o_.serve_epoch ? bal::kExtConfigSize : bal::kConfigSize;
         vu::ConfigPayload out = *c;
-        out.data.assign(bytes.begin() + c->offset, bytes.begin() + c->offset + c->size);
+        if (uint64_t{c->offset} + c->size > limit) {
+          out.size = 0;  // what fphd answers for a read it cannot serve
+          out.data.clear();
+        } else {
+          out.data.assign(bytes.begin() + c->offset, bytes.begin() + c->offset + c->size);
+        }
         reply(req, vu::encode_config(out));
         acked = true;
         break;
@@ -659,6 +683,8 @@ class TestDevice {
   std::map<uint32_t, Ring> rings_;
   std::map<uint32_t, uint32_t> bases_;
   std::atomic<uint64_t> chains_{0}, punched_{0}, stats_buffers_{0}, stats_free_{0};
+  std::atomic<uint32_t> epoch_{o_.epoch};
+  std::atomic<uint64_t> epoch_reads_{0};
   std::atomic<bool> stop_{false}, release_{false}, exited_{false};
   std::thread thread_;
 };
@@ -863,6 +889,13 @@ struct DriverRig {
   std::vector<std::unique_ptr<TestDevice>> devices;
   std::vector<DeviceOptions> device_opts;  // one per connection, last one repeats
   std::atomic<uint64_t> completed_bytes{0};
+  std::mutex seen_mu;
+  std::vector<Block> completed_blocks;  // every block reported, in completion order
+  struct EpochChange {
+    uint32_t from, to;
+    uint64_t forgotten_bytes;
+  };
+  std::vector<EpochChange> epoch_changes;
   std::unique_ptr<BalloonDriver> driver;
 
   explicit DriverRig(DriverOptions o, std::vector<DeviceOptions> dopts = {{}},
@@ -887,7 +920,15 @@ struct DriverRig {
       for (const auto& blk : r.blocks) checker->mark_reported(blk.frame, blk.order);
     };
     h.after_complete = [this](const ReportRequest& r) {
-      for (const auto& blk : r.blocks) completed_bytes += blk.bytes();
+      std::lock_guard lk(seen_mu);
+      for (const auto& blk : r.blocks) {
+        completed_bytes += blk.bytes();
+        completed_blocks.push_back(blk);
+      }
+    };
+    h.on_epoch_changed = [this](uint32_t from, uint32_t to, uint64_t forgotten) {
+      std::lock_guard lk(seen_mu);
+      epoch_changes.push_back({from, to, forgotten});
     };
     driver = std::make_unique<BalloonDriver>(*mem, *buddy, zone, o, conn, h);
   }
@@ -908,7 +949,35 @@ struct DriverRig {
     std::lock_guard lk(zone);
     return buddy->unreported_candidate_frames(order);
   }
+  uint64_t reported_frames() {
+    std::lock_guard lk(zone);
+    return buddy->stats().reported_frames;
+  }
+  // All free memory of order >= 9 reported and nothing in flight.
+  bool settled() {
+    std::lock_guard lk(zone);
+    return buddy->unreported_candidate_frames(9) == 0 && buddy->stats().isolated_frames == 0 &&
+           driver->inflight_requests() == 0;
+  }
+  std::vector<Block> blocks_completed_since(size_t i) {
+    std::lock_guard lk(seen_mu);
+    return {completed_blocks.begin() + static_cast<std::ptrdiff_t>(i), completed_blocks.end()};
+  }
+  size_t blocks_completed() {
+    std::lock_guard lk(seen_mu);
+    return completed_blocks.size();
+  }
+  std::vector<EpochChange> epochs() {
+    std::lock_guard lk(seen_mu);
+    return epoch_changes;
+  }
 };
+
+std::multiset<uint64_t> frames_of(const std::vector<Block>& v) {
+  std::multiset<uint64_t> out;
+  for (const auto& b : v) out.insert(b.frame);
+  return out;
+}
 
 DriverOptions fast_options() {
   DriverOptions o;
@@ -1082,6 +1151,131 @@ TEST(BalloonDriver, StopWaitsForHeldRequestAndGetVringBaseFlushesIt) {
   EXPECT_EQ(rig.buddy->stats().isolated_frames, 0u);
 }
 
+// ------------------------------------------------------------ migration epoch
+
+DeviceOptions epoch_device(uint32_t epoch = 0) {
+  DeviceOptions d;
+  d.features |= bal::kFFphEpoch;
+  d.epoch = epoch;
+  return d;
+}
+
+DriverOptions epoch_options() {
+  DriverOptions o = fast_options();
+  o.epoch_poll = 10ms;
+  return o;
+}
+
+// The driver polls the epoch over the control socket while it runs; a bump
+// makes it report every free block again, once, in ordinary requests.
+TEST(BalloonDriver, EpochChangeReportsAllFreeMemoryAgain) {
+  DriverRig rig(epoch_options(), {epoch_device(0)});
+  auto n = rig.driver->connect();
+  ASSERT_TRUE(n) << n.error().message;
+  EXPECT_TRUE(n->fph_epoch());
+  EXPECT_NE(rig.device(0).features() & bal::kFFphEpoch, 0u);
+  ASSERT_EQ(n->epoch, std::optional<uint32_t>(0));
+  EXPECT_EQ(rig.driver->epoch(), std::optional<uint32_t>(0));
+  rig.driver->start();
+  ASSERT_TRUE(wait_for([&] { return rig.completed_bytes.load() > 0 && rig.settled(); }));
+  const size_t first_blocks = rig.blocks_completed();
+  const auto first = frames_of(rig.blocks_completed_since(0));
+  const uint64_t reported = rig.reported_frames();
+  ASSERT_GT(reported, 0u);
+  // Polls with an unchanged epoch change nothing.
+  const uint64_t reads = rig.device(0).epoch_reads();
+  ASSERT_TRUE(wait_for([&] { return rig.device(0).epoch_reads() >= reads + 3; }));
+  EXPECT_EQ(rig.blocks_completed(), first_blocks);
+  EXPECT_EQ(rig.driver->epoch_changes(), 0u);
+
+  rig.device(0).set_epoch(1);
+  ASSERT_TRUE(wait_for([&] { return rig.driver->epoch_changes() == 1; }));
+  EXPECT_EQ(rig.driver->epoch(), std::optional<uint32_t>(1));
+  ASSERT_TRUE(wait_for([&] {
+    return rig.blocks_completed() >= 2 * first_blocks && rig.settled();
+  }));
+  // Everything reported before is reported again, each block once; then
+  // nothing more while the epoch stays.
+  const uint64_t reads2 = rig.device(0).epoch_reads();
+  ASSERT_TRUE(wait_for([&] { return rig.device(0).epoch_reads() >= reads2 + 3; }));
+  EXPECT_EQ(frames_of(rig.blocks_completed_since(first_blocks)), first);
+  EXPECT_EQ(rig.reported_frames(), reported);
+  const auto ev = rig.epochs();
+  ASSERT_EQ(ev.size(), 1u);
+  EXPECT_EQ(ev[0].from, 0u);
+  EXPECT_EQ(ev[0].to, 1u);
+  EXPECT_EQ(ev[0].forgotten_bytes, reported * kFrameSize);
+  EXPECT_EQ(rig.device(0).punched(), 2 * reported * kFrameSize);
+  EXPECT_EQ(rig.driver->reporting()->stats().requests_failed, 0u);
+
+  rig.driver->request_stop();
+  rig.driver->join();
+  EXPECT_EQ(rig.driver->exit_state(), BalloonDriver::Exit::Stopped);
+  EXPECT_EQ(rig.counters.corrupted_bytes.load(), 0u);
+}
+
+// A back end that offers the bit but cannot serve offset 16 yet (empty
+// reply): no epoch, no polling, reporting as usual. And with the epoch
+// turned off the bit is not acked and offset 16 never read.
+TEST(BalloonDriver, EpochUnservedOrNotWantedMeansNoEpoch) {
+  {
+    DeviceOptions d = epoch_device(5);
+    d.serve_epoch = false;
+    DriverRig rig(epoch_options(), {d});
+    auto n = rig.driver->connect();
+    ASSERT_TRUE(n) << n.error().message;
+    EXPECT_TRUE(n->fph_epoch());
+    EXPECT_FALSE(n->epoch);
+    rig.driver->start();
+    ASSERT_TRUE(wait_for([&] { return rig.completed_bytes.load() > 0 && rig.settled(); }));
+    std::this_thread::sleep_for(50ms);  // several poll periods: still the one setup read
+    EXPECT_EQ(rig.device(0).epoch_reads(), 1u);
+    EXPECT_FALSE(rig.driver->epoch());
+    rig.driver->request_stop();
+    rig.driver->join();
+    EXPECT_EQ(rig.driver->exit_state(), BalloonDriver::Exit::Stopped);
+  }
+  {
+    DriverOptions o = epoch_options();
+    o.frontend.epoch = false;
+    DriverRig rig(o, {epoch_device(5)});
+    auto n = rig.driver->connect();
+    ASSERT_TRUE(n) << n.error().message;
+    EXPECT_FALSE(n->fph_epoch());
+    EXPECT_EQ(rig.device(0).features() & bal::kFFphEpoch, 0u);
+    rig.driver->start();
+    ASSERT_TRUE(wait_for([&] { return rig.completed_bytes.load() > 0 && rig.settled(); }));
+    std::this_thread::sleep_for(50ms);
+    EXPECT_EQ(rig.device(0).epoch_reads(), 0u);
+    rig.driver->request_stop();
+    rig.driver->join();
+  }
+}
+
+// Reconnecting to a back end with another epoch (a migration destination)
+// is a change too: the new back end gets all free memory.
+TEST(BalloonDriver, EpochComparedAcrossReconnect) {
+  DriverOptions o = epoch_options();
+  o.reconnect = true;
+  o.epoch_poll = 0ms;  // setup reads only
+  DriverRig rig(o, {epoch_device(3), epoch_device(4)});
+  ASSERT_TRUE(rig.driver->connect());
+  rig.driver->start();
+  ASSERT_TRUE(wait_for([&] { return rig.completed_bytes.load() > 0 && rig.settled(); }));
+  const uint64_t reported = rig.reported_frames();
+  const size_t first_blocks = rig.blocks_completed();
+  EXPECT_EQ(rig.device(0).epoch_reads(), 1u);  // no polling with epoch_poll 0
+  rig.device(0).kill();
+  ASSERT_TRUE(wait_for([&] { return rig.driver->reconnects() == 1; }));
+  ASSERT_TRUE(wait_for([&] { return rig.blocks_completed() >= 2 * first_blocks && rig.settled(); }));
+  EXPECT_EQ(rig.driver->epoch(), std::optional<uint32_t>(4));
+  EXPECT_EQ(rig.driver->epoch_changes(), 1u);
+  EXPECT_EQ(rig.device(1).punched(), reported * kFrameSize);
+  rig.driver->request_stop();
+  rig.driver->join();
+  EXPECT_EQ(rig.driver->exit_state(), BalloonDriver::Exit::Stopped);
+}
+
 // ------------------------------------------------------------ whole agent
 
 struct AgentRun {
@@ -1152,6 +1346,41 @@ TEST(Agent, RunsCleanAgainstAGoodBackEnd) {
   EXPECT_GE((*sum)["resident_checks"].get<uint64_t>(), 2u);
   EXPECT_EQ((*sum)["reason"], "reported");
   EXPECT_EQ((*sum)["exit_code"], 0);
+}
+
+// The epoch as the agent shows it: in "ready", an "epoch_changed" event when
+// the device bumps it, and in the summary.
+TEST(Agent, EmitsEpochChangedWhenTheDeviceBumpsTheEpoch) {
+  Config c = agent_config();
+  c.exit_when_reported = false;
+  c.duration = 1000ms;
+  c.epoch_poll = 20ms;
+  DeviceOptions d;
+  d.features |= bal::kFFphEpoch;
+  d.epoch = 7;
+  d.bump_epoch_at_read = 3;  // the setup read, then the second poll (~40 ms in)
+  AgentRun r = run_agent(c, d);
+  EXPECT_EQ(r.rc, kExitOk);
+  ASSERT_NE(r.find("ready"), nullptr);
+  EXPECT_EQ((*r.find("ready"))["epoch"], 7);
+  const auto* ev = r.find("epoch_changed");
+  ASSERT_NE(ev, nullptr);
+  EXPECT_EQ((*ev)["from"], 7);
+  EXPECT_EQ((*ev)["to"], 8);
+  EXPECT_TRUE((*ev)["forgotten_bytes"].is_number_unsigned());
+  const auto* sum = r.find("summary");
+  ASSERT_NE(sum, nullptr);
+  EXPECT_EQ((*sum)["epoch"], 8);
+  EXPECT_EQ((*sum)["epoch_changes"], 1);
+  EXPECT_EQ((*sum)["corrupted_bytes"], 0);
+  // --no-epoch: not acked, no event, null in ready and summary.
+  c.no_epoch = true;
+  AgentRun r2 = run_agent(c, d);
+  EXPECT_EQ(r2.rc, kExitOk);
+  ASSERT_NE(r2.find("ready"), nullptr);
+  EXPECT_TRUE((*r2.find("ready"))["epoch"].is_null());
+  EXPECT_EQ(r2.find("epoch_changed"), nullptr);
+  EXPECT_EQ((*r2.find("summary"))["epoch_changes"], 0);
 }
 
 // fph-bench's mode: say once that everything is reported, keep running

@@ -46,6 +46,8 @@ struct Config {
   int max_inflight = 1;
   bool no_reporting = false;
   bool no_stats = false;  // do not negotiate the stats queue (STATS_VQ)
+  bool no_epoch = false;  // do not negotiate fph's migration epoch (kFFphEpoch)
+  std::chrono::milliseconds epoch_poll{1000};  // GET_CONFIG(epoch) period; 0 = setup only
   std::optional<uint32_t> poison;
   bool mem_table = false;
 

@@ -12,6 +12,14 @@
 //    fresh rings and re-posts the requests still in flight (their blocks
 //    stay isolated meanwhile, so nothing can allocate memory the old back
 //    end may still be discarding).
+//  - Migration epoch (fph's kFFphEpoch, when negotiated): read at every
+//    setup and, since fph-guest has no back-end channel to receive
+//    CONFIG_CHANGE_MSG, polled with GET_CONFIG every `epoch_poll` from the
+//    driver thread, the socket's only user (nothing else is outstanding
+//    while the loop runs). When it differs from the one remembered (also
+//    across reconnects), the reported marks of every free block are dropped
+//    and a reporting pass is requested: all free memory is reported again,
+//    once per epoch.
 //  - Stop: no new requests, wait (bounded) for in-flight ones, then the
 //    QEMU stop sequence (SET_VRING_ENABLE 0, GET_VRING_BASE per queue,
 //    checking the returned index against what we published), SET_STATUS 0.
@@ -25,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -64,6 +73,9 @@ struct DriverOptions {
   bool reconnect = false;
   std::chrono::milliseconds drain_timeout{5000};  // waiting for in-flight requests on stop
   std::chrono::milliseconds max_sleep{200};       // upper bound of one poll() wait
+  // GET_CONFIG(epoch) period while connected with the epoch negotiated
+  // (FrontendOptions::epoch); 0 = only at setup.
+  std::chrono::milliseconds epoch_poll{1000};
 };
 
 // Makes a new connection to the back end (connect or accept); `cancel` is
@@ -76,6 +88,10 @@ struct DriverHooks {
   // After PageReporting::complete (blocks back on the free lists).
   std::function<void(const ReportRequest& r)> after_complete;
   std::function<void(const Negotiated& n, bool reconnected)> on_connected;
+  // The migration epoch changed from `from` to `to`; `forgotten_bytes` of
+  // free memory lost their reported mark and will be reported again.
+  // Called on the driver thread (or the caller's, during connect()).
+  std::function<void(uint32_t from, uint32_t to, uint64_t forgotten_bytes)> on_epoch_changed;
 };
 
 class BalloonDriver {
@@ -111,6 +127,13 @@ class BalloonDriver {
   // Stats buffers handed to the device (the first at setup, then one per
   // request the device made by returning the previous one).
   uint64_t stats_sent() const { return stats_sent_.load(); }
+  // The migration epoch last read from the device (nullopt: never read).
+  std::optional<uint32_t> epoch() const {
+    const int64_t e = epoch_.load();
+    return e < 0 ? std::nullopt : std::optional<uint32_t>(static_cast<uint32_t>(e));
+  }
+  uint64_t epoch_changes() const { return epoch_changes_.load(); }
+  uint64_t epoch_reads() const { return epoch_reads_.load(); }  // GET_CONFIG(epoch) answered
 
  private:
   struct Queue {
@@ -125,6 +148,14 @@ class BalloonDriver {
   void kick(Queue& q);
   void drain_used();
   void loop();
+  // GET_CONFIG(epoch) on the live connection; false = the connection failed
+  // (`*why` says how; the caller drops it). A reply without the epoch is fine.
+  bool poll_epoch(std::string* why);
+  // A value read from the device: remember it, and on a change forget the
+  // reported marks so that a pass reports all free memory again.
+  void observe_epoch(uint32_t e);
+  // The connection broke while running: false = the loop must end.
+  bool connection_lost(const std::string& why);
   bool reconnect_loop();
   void shutdown();
   void drop_connection();
@@ -158,6 +189,11 @@ class BalloonDriver {
   std::atomic<uint64_t> calls_{0};
   std::atomic<uint64_t> spurious_calls_{0};
   std::atomic<uint64_t> stats_sent_{0};
+  bool epoch_polling_ = false;            // this connection negotiated the epoch
+  std::chrono::steady_clock::time_point next_epoch_poll_{};
+  std::atomic<int64_t> epoch_{-1};        // remembered across connections; -1 = unknown
+  std::atomic<uint64_t> epoch_changes_{0};
+  std::atomic<uint64_t> epoch_reads_{0};
   std::thread thread_;
 };
 

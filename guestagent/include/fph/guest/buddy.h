@@ -99,9 +99,14 @@ class BuddyAllocator {
   uint64_t total_frames() const { return total_frames_; }
 
   // Clears the reported mark of every free block (PageReporting::
-  // reset_reported_marks). The blocks keep their list order: the formerly
-  // reported ones follow the unreported ones. O(reported blocks).
-  void clear_reported_marks();
+  // reset_reported_marks, on a migration epoch change) and returns the
+  // frames it un-marked. Isolated blocks are not on the free lists and keep
+  // whatever putback() gives them. The blocks keep their list order: the
+  // formerly reported ones follow the unreported ones, so alloc() still
+  // takes never-reported memory first. A second call returns 0.
+  // O(reported blocks).
+  uint64_t forget_reported();
+  void clear_reported_marks() { (void)forget_reported(); }
   // Which kind of block covers `frame`; if `block` is given it receives that
   // block (frame, order). Reserved frames are reported as order-0 blocks.
   // O(kMaxOrder). Useful to check that a range handed to the host is

@@ -73,6 +73,7 @@ struct FrontendOptions {
   bool force_mem_table = false;         // SET_MEM_TABLE even with CONFIGURE_MEM_SLOTS
   bool stats = false;                   // ask for VIRTIO_BALLOON_F_STATS_VQ (the driver sets it
                                         // when guest memory has a stats ring slot)
+  bool epoch = true;                    // ack fph's kFFphEpoch (migration epoch at config 16)
 };
 
 // What the two sides agreed on.
@@ -84,7 +85,14 @@ struct Negotiated {
   proto::balloon::QueueLayout layout;
   proto::balloon::Config config;  // as read with GET_CONFIG (zero without CONFIG)
   bool used_mem_table = false;    // SET_MEM_TABLE rather than ADD_MEM_REG
+  // The migration epoch as read at setup; nullopt if fph_epoch() is not
+  // negotiated or the back end did not answer the read with 4 bytes.
+  std::optional<uint32_t> epoch;
   bool reporting() const { return features & proto::balloon::kFReporting; }
+  // The epoch bit is acked and it can be read (GET_CONFIG needs CONFIG).
+  bool fph_epoch() const {
+    return (features & proto::balloon::kFFphEpoch) && has_protocol(proto::vu::protocol::kConfig);
+  }
   bool poison() const { return features & proto::balloon::kFPagePoison; }
   bool stats() const { return features & proto::balloon::kFStatsVq; }
   bool has_protocol(int bit) const { return protocol & proto::vu::protocol::bit(bit); }
@@ -122,6 +130,14 @@ class Frontend {
   FeResult<uint32_t> stop_queue(uint32_t index);
   // SET_STATUS(0) if STATUS was negotiated (QEMU does it on stop).
   FeResult<void> reset_status();
+  // GET_CONFIG(kOffFphEpoch, 4): the migration epoch (little-endian u32).
+  // nullopt if the epoch is not negotiated, or if the back end answered
+  // with anything but those 4 bytes (an fphd that does not serve offset 16
+  // yet replies with an empty payload): "no epoch", the connection is fine.
+  // An error only if the request itself failed (peer gone, reply timeout,
+  // a message that is not our reply). Synchronous: the caller must be the
+  // only user of the socket, with nothing else outstanding.
+  FeResult<std::optional<uint32_t>> read_epoch();
 
   // Sends a request without a reply payload; waits for the ack when
   // REPLY_ACK is negotiated.

@@ -111,8 +111,11 @@ class PageReporting {
   // Blocks currently isolated (in flight), e.g. to re-post after reconnect.
   std::vector<ReportRequest> inflight() const;
   // Forget the reported marks of every free block (migration epoch change):
-  // they will be reported again.
-  void reset_reported_marks();
+  // they will be reported again, by a pass requested like notify_free()
+  // does (after `delay`, batched and budgeted as usual; if a pass is running,
+  // another one follows it). Blocks in flight keep their marks. Returns the
+  // frames un-marked.
+  uint64_t reset_reported_marks();
 
   ReportingState state() const;
   ReportingStats stats() const;
