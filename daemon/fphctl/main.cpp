@@ -160,6 +160,8 @@ int main(int argc, char** argv) {
   c_migpol->add_option("--while-logging", while_logging, "discard (default) or hold")
       ->required()
       ->check(CLI::IsMember({"discard", "hold"}));
+  auto* c_rereport = app.add_subcommand("re-report", "Ask a VM to report all its free memory again (bumps its epoch)");
+  c_rereport->add_option("vm", vm, "VM name")->required();
   auto* c_attach = app.add_subcommand("attach", "Connect to a front end's server socket");
   c_attach->add_option("name", name, "VM name")->required();
   c_attach->add_option("path", path, "The front end's socket")->required();
@@ -186,6 +188,7 @@ int main(int argc, char** argv) {
   else if (c_resume->parsed()) cmd = "resume-reclaim", args = {{"vm", vm}};
   else if (c_pages->parsed()) cmd = "set-num-pages", args = {{"vm", vm}, {"pages", pages}};
   else if (c_migration->parsed()) cmd = "query-migration";
+  else if (c_rereport->parsed()) cmd = "re-report", args = {{"vm", vm}};
   else if (c_migpol->parsed())
     cmd = "set-migration-policy", args = {{"vm", vm}, {"discard-while-logging", while_logging == "discard"}};
   else if (c_attach->parsed()) cmd = "attach", args = {{"name", name}, {"path", path}};

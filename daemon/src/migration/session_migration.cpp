@@ -105,6 +105,20 @@ void Session::log_discarded(std::span<const std::pair<uint64_t, uint64_t>> gpa_r
   for (const auto& [gpa, len] : gpa_ranges) log_write_locked(gpa, len);
 }
 
+uint64_t Session::bump_epoch(std::string* not_notified) {
+  uint64_t e;
+  {
+    std::lock_guard lk(mu_);
+    epoch_ = (epoch_ + 1) & devstate::kMaxEpoch;
+    e = epoch_;
+  }
+  log::info("session", "vm={} epoch {}: the driver is asked to report its free memory again", name_, e);
+  auto r = backend_.config_changed();
+  vm_metrics_->backend_request("config_change", r.has_value());
+  if (!r && not_notified) *not_notified = r.error();
+  return e;
+}
+
 bool Session::handle_set_log_base(vu::Message& m) {
   // With LOG_SHMFD this message always gets a u64 reply, 0 = success.
   auto refuse = [&](const std::string& reason, const std::string& detail) {
@@ -272,6 +286,7 @@ bool Session::handle_check_device_state(vu::Message& m) {
     // report its free memory again (docs/migration.md).
     epoch_ = (st->epoch + 1) & devstate::kMaxEpoch;  // wraps to 0 after 2^63 - 1 migrations
     epoch = epoch_;
+    epoch_notify_pending_ = true;
     set_migration_state_locked(MigrationState::Loaded);
   }
   log::info("session", "vm={} device state loaded from {} ({} bytes in {:.1f} ms): num_pages={} actual={} "

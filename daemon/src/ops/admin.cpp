@@ -312,6 +312,19 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
                               }
                               return v;
                             }, "live migration per VM: dirty log, device-state transfers, epoch"});
+  d.add("re-report",
+        {{{"vm", ArgType::String, true}},
+         [D](const json& args) -> AdminResult {
+           auto s = need_vm(D->server, args);
+           if (!s) return unexpected(no_vm(args["vm"].get<std::string>()));
+           std::string why;
+           const uint64_t e = s->bump_epoch(&why);
+           const bool knows = s->info().features & proto::balloon::kFFphEpoch;
+           json out = {{"epoch", e}, {"notified", why.empty()}, {"driver-knows-epoch", knows}};
+           if (!why.empty()) out["reason"] = why;
+           return out;
+         },
+         "bump the VM's epoch: a driver that negotiated it (fph-guest) reports all its free memory again"});
   d.add("set-migration-policy",
         {{{"vm", ArgType::String, true}, {"discard-while-logging", ArgType::Boolean, true}},
          [D](const json& args) -> AdminResult {

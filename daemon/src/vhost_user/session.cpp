@@ -722,6 +722,18 @@ bool Session::handle(vu::Message& m) {
         start_ring(p->index);
         // A kick may have been missed while the ring was being set up.
         service_kick(p->index);
+        // The device runs again after a LOAD that bumped the epoch: tell the
+        // driver now (a stopped device must not message the front end).
+        bool notify = false;
+        {
+          std::lock_guard lk(mu_);
+          notify = epoch_notify_pending_ && vrings_[p->index].started;
+          if (notify) epoch_notify_pending_ = false;
+        }
+        if (notify) {
+          auto r = backend_.config_changed();
+          vm_metrics_->backend_request("config_change", r.has_value());
+        }
       } else {
         UniqueFd fd = p->no_fd ? UniqueFd() : std::move(m.fds[0]);
         // Never block a pipeline thread on a driver that does not read its
@@ -797,15 +809,19 @@ bool Session::handle(vu::Message& m) {
         return send_reply_payload(m, vu::encode_config(empty));
       }
       vu::ConfigPayload out = *c;
-      std::array<uint8_t, balloon::kConfigSize> bytes;
+      // The standard 16 bytes, then fph's epoch (balloon.h kFFphEpoch).
+      std::array<uint8_t, balloon::kExtConfigSize> bytes{};
       {
         std::lock_guard lk(mu_);
-        bytes = balloon::encode_config(config_);
+        const auto std_bytes = balloon::encode_config(config_);
+        std::copy(std_bytes.begin(), std_bytes.end(), bytes.begin());
+        const uint32_t e = static_cast<uint32_t>(epoch_);
+        for (int i = 0; i < 4; ++i) bytes[balloon::kOffFphEpoch + i] = static_cast<uint8_t>(e >> (8 * i));
       }
-      if (c->offset + c->size > balloon::kConfigSize) {
+      if (c->offset + c->size > balloon::kExtConfigSize) {
         fail(m, "bad_payload",
              fmt::format("config: offset {} + size {} beyond the {}-byte balloon config", c->offset,
-                         c->size, balloon::kConfigSize));
+                         c->size, balloon::kExtConfigSize));
         out.size = 0;
         out.data.clear();
         return send_reply_payload(m, vu::encode_config(out));

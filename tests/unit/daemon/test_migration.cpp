@@ -17,6 +17,7 @@
 #include "fph/proto/device_state.h"
 #include "session_fixture.h"
 
+
 using namespace fph;
 using namespace fph::daemon;
 using namespace fph::testing_support;
@@ -85,6 +86,19 @@ uint64_t set_state_fd(FrontEnd& fe, uint32_t direction, int fd) {
 
 uint64_t check_state(FrontEnd& fe) { return fe.get_u64(vu::Request::CheckDeviceState); }
 
+
+// A destination that has only negotiated its protocol features (vu-doc: LOAD
+// comes before the device starts) loads `blob`; CHECK_DEVICE_STATE's reply.
+uint64_t load_into(FrontEnd& fe, std::span<const uint8_t> blob) {
+  const uint64_t pf = fe.get_u64(vu::Request::GetProtocolFeatures);
+  EXPECT_TRUE(fe.send(vu::Request::SetProtocolFeatures, vu::encode_u64(pf)));
+  Pipe p;
+  EXPECT_EQ(set_state_fd(fe, 1, p.r.get()), 0x100u);
+  p.r.reset();
+  EXPECT_EQ(write(p.w.get(), blob.data(), blob.size()), static_cast<ssize_t>(blob.size()));
+  p.w.reset();
+  return check_state(fe);
+}
 
 // A source VM: handshake, a balloon target, the ring stopped; its saved blob.
 std::vector<uint8_t> save_from_source(uint32_t num_pages, uint64_t* features = nullptr) {
@@ -258,14 +272,7 @@ TEST(Migration, SaveThenLoadCarriesTheDeviceAndBumpsTheEpoch) {
   Pair sp;
   Daemon d(std::move(sp.a), "dest-vm");
   FrontEnd fe(std::move(sp.b));
-  const uint64_t pf = fe.get_u64(vu::Request::GetProtocolFeatures);
-  ASSERT_TRUE(fe.send(vu::Request::SetProtocolFeatures, vu::encode_u64(pf)));
-  Pipe p;
-  ASSERT_EQ(set_state_fd(fe, 1, p.r.get()), 0x100u);
-  p.r.reset();
-  ASSERT_EQ(write(p.w.get(), blob.data(), blob.size()), static_cast<ssize_t>(blob.size()));
-  p.w.reset();
-  EXPECT_EQ(check_state(fe), 0u);
+  EXPECT_EQ(load_into(fe, blob), 0u);
   auto mi = d.session->migration();
   EXPECT_EQ(mi.state, MigrationState::Loaded);
   EXPECT_EQ(mi.epoch, 1u);
@@ -415,4 +422,57 @@ TEST(Migration, YankEndsATransferThatTheFrontEndAbandoned) {
   d.session->yank();
   d.thread.join();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 30s);  // a bound against hangs, not a speed target
+}
+
+namespace {
+uint32_t read_epoch(FrontEnd& fe) {
+  vu::ConfigPayload q{balloon::kOffFphEpoch, 4, 0, std::vector<uint8_t>(4)};
+  EXPECT_TRUE(fe.send(vu::Request::GetConfig, vu::encode_config(q)));
+  auto m = fe.recv();
+  EXPECT_TRUE(m.has_value());
+  auto got = m ? vu::parse_config(m->payload) : vu::parse_config({});
+  if (!got || got->size != 4) return ~0u;
+  return got->data[0] | got->data[1] << 8 | got->data[2] << 16 | static_cast<uint32_t>(got->data[3]) << 24;
+}
+}  // namespace
+
+TEST(Migration, TheEpochIsInTheConfigSpaceAfterTheStandardFields) {
+  Pair sp;
+  Daemon d(std::move(sp.a));
+  FrontEnd fe(std::move(sp.b));
+  EXPECT_TRUE(fe.get_u64(vu::Request::GetFeatures) & balloon::kFFphEpoch);
+  fe.handshake(kFeatures | balloon::kFFphEpoch);
+  EXPECT_EQ(read_epoch(fe), 0u);
+  std::string why;
+  EXPECT_EQ(d.session->bump_epoch(&why), 1u);
+  EXPECT_FALSE(why.empty()) << "no back-end channel here: the driver polls";
+  EXPECT_EQ(read_epoch(fe), 1u);
+  // The whole extended space reads in one go; past it is refused.
+  vu::ConfigPayload all{0, balloon::kExtConfigSize, 0, std::vector<uint8_t>(balloon::kExtConfigSize)};
+  ASSERT_TRUE(fe.send(vu::Request::GetConfig, vu::encode_config(all)));
+  auto m = fe.recv();
+  ASSERT_TRUE(m);
+  EXPECT_EQ(vu::parse_config(m->payload)->size, balloon::kExtConfigSize);
+  vu::ConfigPayload past{balloon::kOffFphEpoch, 8, 0, std::vector<uint8_t>(8)};
+  ASSERT_TRUE(fe.send(vu::Request::GetConfig, vu::encode_config(past)));
+  m = fe.recv();
+  ASSERT_TRUE(m);
+  ASSERT_EQ(m->payload.size(), 12u) << "an empty config reply: the front end sees a failure";
+  EXPECT_EQ(m->payload[4] | m->payload[5] | m->payload[6] | m->payload[7], 0);
+  // The driver cannot write it.
+  vu::ConfigPayload w{balloon::kOffFphEpoch, 4, 0, {9, 0, 0, 0}};
+  EXPECT_EQ(fe.acked(vu::Request::SetConfig, vu::encode_config(w)), 1u);
+  EXPECT_EQ(read_epoch(fe), 1u);
+}
+
+TEST(Migration, ALoadedEpochIsReadableByTheDriver) {
+  devstate::DeviceState s;
+  s.features = kFeatures | balloon::kFFphEpoch;
+  s.epoch = 41;
+  const auto blob = devstate::encode(s);
+  Pair sp;
+  Daemon d(std::move(sp.a), "dest-vm");
+  FrontEnd fe(std::move(sp.b));
+  ASSERT_EQ(load_into(fe, blob), 0u);
+  EXPECT_EQ(read_epoch(fe), 42u);
 }

@@ -58,7 +58,7 @@ struct DaemonContext {
 inline constexpr uint64_t kOfferedFeatures =
     proto::balloon::kFVersion1 | proto::balloon::kFIndirectDesc | proto::balloon::kFPagePoison |
     proto::balloon::kFReporting | proto::vu::feature::kProtocolFeatures |
-    proto::vu::feature::kLogAll;
+    proto::vu::feature::kLogAll | proto::balloon::kFFphEpoch;
 inline constexpr uint64_t kOfferedProtocolFeatures =
     proto::vu::protocol::bit(proto::vu::protocol::kReplyAck) |
     proto::vu::protocol::bit(proto::vu::protocol::kConfig) |
@@ -157,6 +157,12 @@ class Session : public std::enable_shared_from_this<Session> {
   Expected<void, std::string> set_num_pages(uint32_t pages);
   MigrationInfo migration() const;
   void set_discard_while_logging(bool on);
+  // Bumps the VM's epoch (config offset 16, feature kFFphEpoch) and tells
+  // the driver through the back-end channel if there is one: a driver that
+  // negotiated the epoch then reports all its free memory again. Returns the
+  // new epoch; the error says why the driver was not notified (it may still
+  // poll the config space, as fph-guest does).
+  uint64_t bump_epoch(std::string* not_notified);
 
   // Called by the queue service when a request's discards are over (before
   // its chain is returned): while dirty logging is on, marks the ranges it
@@ -248,6 +254,7 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t pages_marked_ = 0;
   std::atomic<bool> discard_while_logging_{true};
   uint64_t epoch_ = 0;
+  bool epoch_notify_pending_ = false;  // LOAD bumped it: notify when the device starts
   MigrationState migration_ = MigrationState::None;
   std::string migration_error_;
   uint64_t state_sent_ = 0, state_received_ = 0;

@@ -20,6 +20,19 @@ inline constexpr uint64_t kFDeflateOnOom = 1ull << 2;
 inline constexpr uint64_t kFFreePageHint = 1ull << 3;
 inline constexpr uint64_t kFPagePoison = 1ull << 4;
 inline constexpr uint64_t kFReporting = 1ull << 5;
+// fph's extension (docs/migration.md "The epoch"): the VM's migration epoch,
+// a u32 at config offset 16, right after the standard 16 bytes. fphd bumps
+// it when a VM's device state is loaded on a migration destination (and on
+// `fphctl re-report`), and a driver that negotiated the bit reports all its
+// free memory again when it changes. Bit 52 lies in the device-specific
+// range 50..127 of virtio 1.2 (2.2), far from where the balloon spec
+// allocates its bits (0..6 so far), so a future standard bit is unlikely to
+// collide, and below 2^53, so the fphd_vm_features gauge (a double) stays
+// exact. A driver that does not know it (Linux) never acks it and never
+// reads past offset 16.
+inline constexpr uint64_t kFFphEpoch = 1ull << 52;
+inline constexpr uint32_t kOffFphEpoch = 16;
+inline constexpr uint32_t kExtConfigSize = 20;  // standard config + the epoch
 // Generic virtio feature bits.
 inline constexpr uint64_t kFIndirectDesc = 1ull << 28;
 inline constexpr uint64_t kFEventIdx = 1ull << 29;
