@@ -210,9 +210,9 @@ void finish(PendingRequest& r) {
   m.request_done(o);
   const double secs = std::chrono::duration<double>(Clock::now() - r.taken).count();
   r.session->context().metrics.observe_request_latency(r.first_node, secs);
-  // The discards are over: a VMM migrating the VM must send these pages again.
-  if (!r.discard_gpas.empty()) r.session->log_discarded(r.discard_gpas);
-  r.session->return_chain(r.queue, r.head);
+  // The discards are over: a VMM migrating the VM must send these pages
+  // again (marked in the dirty log by return_chain while logging is on).
+  r.session->return_chain(r.queue, r.head, r.discard_gpas);
   // Nothing needs the session or the mappings any more: drop them now, not
   // whenever the last copy of the completion callback happens to go away.
   r.session.reset();

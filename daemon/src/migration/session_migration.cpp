@@ -99,12 +99,6 @@ void Session::log_used_write_locked(const Vring& v, uint16_t used_idx_before) {
   log_write_locked(base + 2, 2);             // used->idx
 }
 
-void Session::log_discarded(std::span<const std::pair<uint64_t, uint64_t>> gpa_ranges) {
-  std::lock_guard lk(mu_);
-  if (!logging_locked()) return;
-  for (const auto& [gpa, len] : gpa_ranges) log_write_locked(gpa, len);
-}
-
 uint64_t Session::bump_epoch(std::string* not_notified) {
   uint64_t e;
   {

@@ -432,8 +432,11 @@ void Session::taken_locked(uint32_t queue) {
   vm_metrics_->set_inflight(exported_inflight_locked());
 }
 
-void Session::return_chain(uint32_t queue, uint16_t head) {
+void Session::return_chain(uint32_t queue, uint16_t head,
+                           std::span<const std::pair<uint64_t, uint64_t>> discarded) {
   std::lock_guard lk(mu_);
+  if (!discarded.empty() && logging_locked())
+    for (const auto& [gpa, len] : discarded) log_write_locked(gpa, len);
   return_chain_locked(queue, head);
 }
 

@@ -164,16 +164,16 @@ class Session : public std::enable_shared_from_this<Session> {
   // poll the config space, as fph-guest does).
   uint64_t bump_epoch(std::string* not_notified);
 
-  // Called by the queue service when a request's discards are over (before
-  // its chain is returned): while dirty logging is on, marks the ranges it
-  // discarded (a discarded page reads as zero now, so the VMM must send it
-  // again). Logging may have been turned on while the discard ran: the
-  // state at completion decides, so no discard escapes the log.
-  void log_discarded(std::span<const std::pair<uint64_t, uint64_t>> gpa_ranges);
 
   // Called by the queue service (pipeline threads): return a chain to the
-  // used ring and notify the driver if it wants it.
-  void return_chain(uint32_t queue, uint16_t head);
+  // used ring and notify the driver if it wants it. `discarded` are the
+  // guest ranges (gpa, length) the request's discards covered: while dirty
+  // logging is on they are marked first, under the same lock (a discarded
+  // page reads as zero now, so the VMM must send it again). Logging may have
+  // been turned on while the discard ran: the state at completion decides,
+  // so no discard escapes the log.
+  void return_chain(uint32_t queue, uint16_t head,
+                    std::span<const std::pair<uint64_t, uint64_t>> discarded = {});
   // Called by the queue service with the session lock held: a chain was
   // taken off ring `queue` and must be returned later with return_chain.
   void taken_locked(uint32_t queue);
