@@ -75,4 +75,15 @@ struct Daemon {
   }
 };
 
+// A session with a front end past its handshake (reporting ring running).
+struct RunningVm {
+  Pair sp;
+  Daemon d;
+  FrontEnd fe;
+  explicit RunningVm(std::string name = "obs-vm", uint64_t features = kFeatures)
+      : d(std::move(sp.a), std::move(name)), fe(std::move(sp.b)) {
+    fe.handshake(features);
+  }
+};
+
 }  // namespace fph::testing_support

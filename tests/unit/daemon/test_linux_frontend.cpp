@@ -42,7 +42,9 @@ void uml_handshake(FrontEnd& fe, int call_fd, int backend_fd, uint16_t num = 32)
                         vu::protocol::bit(vu::protocol::kBackendReq) |
                         vu::protocol::bit(vu::protocol::kConfig);
   ASSERT_TRUE(fe.send(vu::Request::SetProtocolFeatures, vu::encode_u64(pf & want)));
-  if (backend_fd >= 0) ASSERT_EQ(fe.acked(vu::Request::SetBackendReqFd, {}, {backend_fd}), 0u);
+  if (backend_fd >= 0) {
+    ASSERT_EQ(fe.acked(vu::Request::SetBackendReqFd, {}, {backend_fd}), 0u);
+  }
   ASSERT_EQ(offered & kFeatures, kFeatures);
   // Linux acks VERSION_1 and REPORTING, not VHOST_USER_F_PROTOCOL_FEATURES:
   // rings are then enabled at once.
@@ -84,9 +86,7 @@ TEST(LinuxFrontEnd, SpareRoomTableAndFourMiBReportsAreServed) {
   const int64_t before = blocks_bytes(fe.ram.get());
   std::vector<vq::Buffer> bufs;
   for (uint64_t off = 16 * MiB; off < 48 * MiB; off += 4 * MiB) bufs.push_back({off, 4 * MiB, true});
-  ASSERT_TRUE(fe.ring.add_chain(bufs).has_value());
-  uint64_t one = 1;
-  ASSERT_EQ(write(fe.kick.get(), &one, 8), 8);
+  fe.post(bufs);
   poll_used(fe);
   EXPECT_GE(before - blocks_bytes(fe.ram.get()), static_cast<int64_t>(32 * MiB));
   // The pipe got the notification: 8 bytes, as virtio_uml's vu_interrupt reads them.
@@ -106,10 +106,8 @@ TEST(LinuxFrontEnd, AFullCallPipeNeverBlocksTheDaemon) {
   Pipe call;
   ASSERT_EQ(fcntl(call.w.get(), F_SETPIPE_SZ, 4096), 4096);  // 512 notifications
   uml_handshake(fe, call.w.get(), -1);
-  uint64_t one = 1;
   for (int i = 0; i < 600; ++i) {
-    ASSERT_TRUE(fe.ring.add_chain(std::vector<vq::Buffer>{{32 * MiB, 4096, true}}).has_value());
-    ASSERT_EQ(write(fe.kick.get(), &one, 8), 8);
+    fe.post({{32 * MiB, 4096, true}});
     poll_used(fe);
   }
   EXPECT_EQ(d.session->info().requests, 600u);
@@ -129,9 +127,7 @@ TEST(LinuxFrontEnd, RingsSetUpAgainAfterTheDriverIsReloaded) {
   uml_handshake(fe, call.w.get(), -1);
   const uint32_t q = fe.reporting_index;
   std::memset(fe.mem + 32 * MiB, 1, 4 * MiB);
-  ASSERT_TRUE(fe.ring.add_chain(std::vector<vq::Buffer>{{32 * MiB, 4 * MiB, true}}).has_value());
-  uint64_t one = 1;
-  ASSERT_EQ(write(fe.kick.get(), &one, 8), 8);
+  fe.post({{32 * MiB, 4 * MiB, true}});
   poll_used(fe);
 
   // The new driver: same memory, a fresh ring at index 0 with another size.
@@ -152,6 +148,7 @@ TEST(LinuxFrontEnd, RingsSetUpAgainAfterTheDriverIsReloaded) {
   std::memset(fe.mem + 40 * MiB, 2, 4 * MiB);
   const int64_t before = blocks_bytes(fe.ram.get());
   ASSERT_TRUE(fe.ring.add_chain(std::vector<vq::Buffer>{{40 * MiB, 4 * MiB, true}}).has_value());
+  const uint64_t one = 1;
   ASSERT_EQ(write(kick2.get(), &one, 8), 8);
   auto u = poll_used(fe);
   EXPECT_EQ(u.len, 0u);

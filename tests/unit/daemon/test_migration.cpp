@@ -135,10 +135,9 @@ TEST(Migration, FeaturesQemuNeedsToMigrateAreOffered) {
 }
 
 TEST(Migration, DiscardsAndUsedRingWritesAreMarkedWhileLogging) {
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kFeatures);
+  RunningVm vm;
+  auto& d = vm.d;
+  auto& fe = vm.fe;
   Log log(kLogBytes);
   ASSERT_NE(log.bits, nullptr);
 
@@ -179,10 +178,9 @@ TEST(Migration, DiscardsAndUsedRingWritesAreMarkedWhileLogging) {
 }
 
 TEST(Migration, HoldDiscardsWhileLoggingIsPerVmAndStillReturnsChains) {
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kFeatures);
+  RunningVm vm;
+  auto& d = vm.d;
+  auto& fe = vm.fe;
   d.session->set_discard_while_logging(false);
   Log log(kLogBytes);
   start_logging(fe, log);
@@ -202,10 +200,9 @@ TEST(Migration, HoldDiscardsWhileLoggingIsPerVmAndStillReturnsChains) {
 }
 
 TEST(Migration, UnusableLogsAreRefusedWithAReason) {
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kFeatures);
+  RunningVm vm;
+  auto& d = vm.d;
+  auto& fe = vm.fe;
   {
     Log small(kLogBytes / 2);  // covers 32 of the 64 MiB
     EXPECT_EQ(set_log_base(fe, small.fd.get(), small.size), 1u);
@@ -232,10 +229,9 @@ TEST(Migration, UnusableLogsAreRefusedWithAReason) {
 }
 
 TEST(Migration, GetVringBaseReturnsTheRequestInFlightBeforeItReplies) {
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kFeatures);
+  RunningVm vm;
+  auto& d = vm.d;
+  auto& fe = vm.fe;
   Log log(kLogBytes);
   start_logging(fe, log);
   std::memset(fe.mem + 8 * MiB, 0x66, 32 * MiB);
@@ -248,9 +244,7 @@ TEST(Migration, GetVringBaseReturnsTheRequestInFlightBeforeItReplies) {
   EXPECT_EQ(d.session->migration().state, MigrationState::Stopped);
   // Nothing is discarded after the stop: a kick on the stopped ring is ignored.
   std::memset(fe.mem + 48 * MiB, 0x77, 2 * MiB);
-  ASSERT_TRUE(fe.ring.add_chain(std::vector<vq::Buffer>{{48 * MiB, 2 * MiB, true}}).has_value());
-  uint64_t one = 1;
-  ASSERT_EQ(write(fe.kick.get(), &one, 8), 8);
+  fe.post({{48 * MiB, 2 * MiB, true}});
   std::this_thread::sleep_for(200ms);
   EXPECT_EQ(fe.mem[48 * MiB + 100], 0x77);
   EXPECT_FALSE(fe.ring.pop_used().has_value());
@@ -378,10 +372,9 @@ TEST_F(LoadFailure, LoadIntoARunningDeviceIsRefused) {
 }
 
 TEST(Migration, SaveBeforeTheRingsStopIsRefusedAndTheSourceKeepsReclaiming) {
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kFeatures);
+  RunningVm vm;
+  auto& d = vm.d;
+  auto& fe = vm.fe;
   Pipe p;
   EXPECT_EQ(set_state_fd(fe, 0, p.w.get()), 0x101u);  // error, no fd
   EXPECT_EQ(check_state(fe), 1u);
@@ -391,10 +384,9 @@ TEST(Migration, SaveBeforeTheRingsStopIsRefusedAndTheSourceKeepsReclaiming) {
 
 TEST(Migration, ReaderClosingEarlyFailsTheSave) {
   signal(SIGPIPE, SIG_IGN);
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kFeatures);
+  RunningVm vm;
+  auto& d = vm.d;
+  auto& fe = vm.fe;
   stop_ring(fe);
   Pipe p;
   p.r.reset();  // nobody will read

@@ -79,9 +79,15 @@ TEST(VmMetrics, StateSetHasExactlyOneStateAndReasonOnlyWhenDisabled) {
   v.reset();
   m.release_vm("a");
   for (const auto& fam : m.registry()->Collect()) {
-    if (fam.name == "fphd_node_discarded_bytes_total") EXPECT_EQ(fam.metric.at(0).counter.value, 8192);
-    if (fam.name == "fphd_node_reclaimed_bytes_total") EXPECT_EQ(fam.metric.at(0).counter.value, 4096);
-    if (fam.name == "fphd_reclaimed_bytes_total") EXPECT_TRUE(fam.metric.empty());
+    if (fam.name == "fphd_node_discarded_bytes_total") {
+      EXPECT_EQ(fam.metric.at(0).counter.value, 8192);
+    }
+    if (fam.name == "fphd_node_reclaimed_bytes_total") {
+      EXPECT_EQ(fam.metric.at(0).counter.value, 4096);
+    }
+    if (fam.name == "fphd_reclaimed_bytes_total") {
+      EXPECT_TRUE(fam.metric.empty());
+    }
   }
 }
 
@@ -412,6 +418,7 @@ TEST(NodeCollector, PublishesMemoryPressureAndThePolicyVerdict) {
   probe.m.psi_some_avg10 = 0;
   c.sample();
   for (const auto& fam : m.registry()->Collect())
-    if (fam.name == "fphd_node_under_pressure")
+    if (fam.name == "fphd_node_under_pressure") {
       for (const auto& s : fam.metric) EXPECT_EQ(s.gauge.value, 0);
+    }
 }

@@ -88,6 +88,21 @@ struct StatsRing {
   }
 };
 
+// A VM with the stats queue negotiated and its ring set up; the daemon asks
+// for stats every `interval`.
+struct StatsVm {
+  Pair sp;
+  Daemon d;
+  FrontEnd fe;
+  StatsRing st{fe};
+  StatsVm(std::string name, std::chrono::milliseconds interval)
+      : d(std::move(sp.a), std::move(name)), fe(std::move(sp.b)) {
+    d.ctx.stats_interval = interval;  // before the handshake: it decides whether STATS_VQ is offered
+    fe.handshake(kStatsFeatures);
+    st.setup();
+  }
+};
+
 template <class F>
 bool eventually(F f, std::chrono::milliseconds limit = 20s) {
   const auto end = std::chrono::steady_clock::now() + limit;
@@ -144,14 +159,11 @@ TEST(StatsQueue, OfferedOnlyWithAnInterval) {
 }
 
 TEST(StatsQueue, GuestStatsAreExportedAndRequestedAgainEveryInterval) {
-  Pair sp;
-  Daemon d(std::move(sp.a), "stats-vm");
-  d.ctx.stats_interval = 200ms;
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kStatsFeatures);
+  StatsVm vm("stats-vm", 200ms);
+  auto& d = vm.d;
+  auto& fe = vm.fe;
+  auto& st = vm.st;
   EXPECT_EQ(fe.reporting_index, 3u);
-  StatsRing st(fe);
-  st.setup();
 
   st.post(10 * MiB);
   ASSERT_TRUE(eventually([&] { return d.value("fphd_guest_free_bytes", {{"vm", "stats-vm"}}) == 10 * MiB; }));
@@ -194,13 +206,9 @@ TEST(StatsQueue, GuestStatsAreExportedAndRequestedAgainEveryInterval) {
 }
 
 TEST(StatsQueue, UnknownTagsAreCountedAndIgnored) {
-  Pair sp;
-  Daemon d(std::move(sp.a), "tags-vm");
-  d.ctx.stats_interval = 1h;
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kStatsFeatures);
-  StatsRing st(fe);
-  st.setup();
+  StatsVm vm("tags-vm", 1h);
+  auto& d = vm.d;
+  auto& st = vm.st;
   std::vector<proto::balloon::StatEntry> e = {{4, 5 * MiB}, {16, 1}, {300, 2}, {10, 4}};
   st.post_bytes(proto::balloon::encode_stats(e));
   ASSERT_TRUE(eventually([&] { return d.value("fphd_guest_stats_updates_total") == 1; }));
@@ -214,13 +222,9 @@ TEST(StatsQueue, UnknownTagsAreCountedAndIgnored) {
 // protocol error, the session keeps serving its stats queue, and another VM
 // of the same daemon keeps reclaiming meanwhile.
 TEST(StatsQueue, MalformedBuffersAreRejectedCountedAndTheOtherVmKeepsReclaiming) {
-  Pair sp;
-  Daemon d(std::move(sp.a), "bad-stats");
-  d.ctx.stats_interval = 100ms;
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kStatsFeatures);
-  StatsRing st(fe);
-  st.setup();
+  StatsVm vm("bad-stats", 100ms);
+  auto& d = vm.d;
+  auto& st = vm.st;
 
   // The second VM: same daemon context (pipelines, metrics).
   Pair sp2;
@@ -286,13 +290,10 @@ TEST(StatsQueue, MalformedBuffersAreRejectedCountedAndTheOtherVmKeepsReclaiming)
 // The held buffer counts as in flight, and GET_VRING_BASE waits for in-flight
 // requests: it must return the held buffer first, not wait for it.
 TEST(StatsQueue, GetVringBaseReturnsTheHeldBufferPromptly) {
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  d.ctx.stats_interval = 1h;  // never returned by the timer in this test
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kStatsFeatures);
-  StatsRing st(fe);
-  st.setup();
+  StatsVm vm("obs-vm", 1h);  // never returned by the timer in this test
+  auto& d = vm.d;
+  auto& fe = vm.fe;
+  auto& st = vm.st;
   st.post(1 * MiB);
   ASSERT_TRUE(eventually([&] { return d.session->info().stats_held; }));
   EXPECT_FALSE(st.ring.pop_used().has_value());
@@ -311,13 +312,10 @@ TEST(StatsQueue, GetVringBaseReturnsTheHeldBufferPromptly) {
 }
 
 TEST(StatsQueue, ResetAndRingSetUpAgainReturnTheHeldBuffer) {
-  Pair sp;
-  Daemon d(std::move(sp.a));
-  d.ctx.stats_interval = 1h;
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kStatsFeatures);
-  StatsRing st(fe);
-  st.setup();
+  StatsVm vm("obs-vm", 1h);
+  auto& d = vm.d;
+  auto& fe = vm.fe;
+  auto& st = vm.st;
   st.post(1 * MiB);
   ASSERT_TRUE(eventually([&] { return d.session->info().stats_held; }));
 
@@ -346,14 +344,10 @@ TEST(StatsQueue, ResetAndRingSetUpAgainReturnTheHeldBuffer) {
 }
 
 TEST(StatsQueue, PausingReclaimDoesNotStopStats) {
-  Pair sp;
-  Daemon d(std::move(sp.a), "paused-vm");
-  d.ctx.stats_interval = 100ms;
-  FrontEnd fe(std::move(sp.b));
-  fe.handshake(kStatsFeatures);
+  StatsVm vm("paused-vm", 100ms);
+  auto& d = vm.d;
+  auto& st = vm.st;
   d.session->set_paused(true);
-  StatsRing st(fe);
-  st.setup();
   st.post(3 * MiB);
   ASSERT_TRUE(eventually([&] { return d.value("fphd_guest_free_bytes") == 3 * MiB; }));
   ASSERT_TRUE(st.wait_used(10s).has_value());
@@ -365,17 +359,12 @@ TEST(StatsQueue, PausingReclaimDoesNotStopStats) {
 // waits for the held buffer.
 TEST(StatsQueue, DisconnectAndYankWithTheBufferHeldDoNotHang) {
   for (bool yank : {false, true}) {
-    Pair sp;
-    Daemon d(std::move(sp.a));
-    d.ctx.stats_interval = 1h;
-    auto fe = std::make_unique<FrontEnd>(std::move(sp.b));
-    fe->handshake(kStatsFeatures);
-    StatsRing st(*fe);
-    st.setup();
-    st.post(1 * MiB);
+    StatsVm vm("obs-vm", 1h);
+    auto& d = vm.d;
+    vm.st.post(1 * MiB);
     ASSERT_TRUE(eventually([&] { return d.session->info().stats_held; }));
     if (yank) d.session->yank();
-    else fe->sock.reset();  // the front end goes away
+    else vm.fe.sock.reset();  // the front end goes away
     ASSERT_TRUE(d.thread.joinable());
     d.thread.join();  // hangs (test timeout) if teardown waited for the held buffer
     EXPECT_EQ(d.session->info().inflight, 0);
