@@ -18,6 +18,7 @@
 #include "fph/guest/balloon_driver.h"
 #include "fph/guest/frontend.h"
 #include "fph/guest/guest_memory.h"
+#include "fph/guest/migration.h"
 
 namespace fph::guest {
 
@@ -59,6 +60,12 @@ Expected<void, std::string> validate(Config& c) {
       return bad("--local-reclaim discards with madvise, after which pages read zero: no --poison");
     if (c.reconnect || c.mem_table)
       return bad("--reconnect and --mem-table need a vhost-user connection");
+  }
+  if (!c.migrate_to.empty()) {
+    if (c.local_reclaim) return bad("--migrate-to needs a vhost-user connection");
+    if (c.migrate_to == c.connect_path) return bad("--migrate-to must name another back end");
+  } else if (c.migrate_ignore_device_log || c.migrate_after.count() || c.migrate_min_precopy.count()) {
+    return bad("--migrate-* options need --migrate-to PATH");
   }
   if (c.name.empty()) c.name = fmt::format("fph-guest-{}", ::getpid());
   if (c.reporting_order < 0 || c.reporting_order > kMaxOrder)
@@ -108,6 +115,11 @@ struct Env {
   // announcement follows the last chain at once rather than the next 50 ms
   // tick of the main loop.
   int completed_fd = -1;
+  // Optional parts of the run (the live migration): started once the
+  // driver runs, stopped before it stops, and given the summary.
+  std::function<void()> on_running;
+  std::function<void()> on_stopping;
+  std::function<void(nlohmann::json& summary, int& code)> summarize;
 };
 
 // Runs the workload and the main loop with a started-or-startable transport
@@ -119,6 +131,7 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
   std::atomic<bool> stop_workload{false};
   std::atomic<bool> workload_done{false};
   driver.start();
+  if (e.on_running) e.on_running();
 
   std::thread wthread([&] {
     pthread_setname_np(pthread_self(), "fph-workload");
@@ -183,6 +196,7 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
     }
   }
 
+  if (e.on_stopping) e.on_stopping();
   stop_workload.store(true);
   wthread.join();
   driver.request_stop();
@@ -238,10 +252,38 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
     sum["epoch"] = ep ? json(*ep) : json(nullptr);
     sum["epoch_changes"] = driver.epoch_changes();
   }
+  if (e.summarize) e.summarize(sum, code);
   e.events.emit(sum);
   if (code == kExitConnectionLost)
     log::error("agent", "exiting: {}", driver.exit_message());
   return code;
+}
+
+json migration_json(const MigrationReport& r, const char* event) {
+  json j = {{"ok", r.ok},
+            {"passes", r.passes},
+            {"pages_copied", r.pages_copied},
+            {"zero_pages_skipped", r.zero_pages_skipped},
+            {"zero_pages_written", r.zero_pages_written},
+            {"guest_dirty_pages", r.guest_dirty_pages},
+            {"device_dirty_pages", r.device_dirty_pages},
+            {"final_dirty_pages", r.final_dirty_pages},
+            {"mismatched_pages", r.mismatched_pages},
+            {"blob_bytes", r.blob_bytes},
+            {"precopy_ms", r.precopy_ms},
+            {"downtime_ms", r.downtime_ms},
+            {"drain_ms", r.drain_ms},
+            {"compare_ms", r.compare_ms},
+            {"save_ms", r.save_ms},
+            {"load_ms", r.load_ms},
+            {"source_backing_bytes", r.source_backing_bytes},
+            {"destination_backing_bytes", r.destination_backing_bytes}};
+  if (!r.ok) {
+    j["error"] = r.error;
+    j["rolled_back"] = r.rolled_back;
+  }
+  if (event) j["event"] = event;
+  return j;
 }
 
 }  // namespace
@@ -422,8 +464,47 @@ int run(const Config& c, EventSink& events) {
   dopt.reporting.max_inflight = c.max_inflight;
   dopt.reconnect = c.reconnect;
 
+  // Live migration (--migrate-to): the workload's writes go through the
+  // vCPU gate, and a thread plays the VMM's migration once the driver runs.
+  VcpuGate vcpus;
+  if (!c.migrate_to.empty()) workload.set_gate(&vcpus);
+
   BalloonDriver driver(mem, buddy, zone, dopt, connector, hooks);
   notify = [&](int order) { driver.notify_free(order); };
+  std::atomic<bool> migration_cancel{false};
+  std::thread migration;
+  std::optional<MigrationReport> migrated;
+  if (!c.migrate_to.empty()) {
+    env.on_running = [&] {
+      migration = std::thread([&] {
+        pthread_setname_np(pthread_self(), "fph-migration");
+        const auto at = Clock::now() + c.migrate_after;
+        while (!migration_cancel.load() && Clock::now() < at)
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        if (migration_cancel.load()) return;
+        MigrationOptions mo;
+        mo.destination = c.migrate_to;
+        mo.min_precopy = c.migrate_min_precopy;
+        mo.ignore_device_log = c.migrate_ignore_device_log;
+        events.emit({{"event", "migration_started"}, {"destination", c.migrate_to}});
+        auto rep = migrate(mem, driver, vcpus, dopt.frontend, mo, migration_cancel);
+        events.emit(migration_json(rep, rep.ok ? "migrated" : "migration_failed"));
+        migrated = std::move(rep);
+      });
+    };
+    env.on_stopping = [&] {
+      migration_cancel.store(true);
+      if (migration.joinable()) migration.join();
+    };
+    env.summarize = [&](json& sum, int& code) {
+      sum["migration"] = migrated ? migration_json(*migrated, nullptr) : json(nullptr);
+      // The guest would read memory it never wrote: as bad as corruption.
+      if (migrated && migrated->mismatched_pages > 0) {
+        code = kExitCorruption;
+        sum["exit_code"] = code;
+      }
+    };
+  }
   // The first connection may wait long (daemon not up yet, nobody attaching
   // to --listen): a signal meanwhile cancels it.
   std::atomic<bool> setup_done{false};

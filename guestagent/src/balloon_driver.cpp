@@ -353,8 +353,100 @@ void BalloonDriver::drop_connection() {
 void BalloonDriver::finish(Exit e, std::string msg) {
   if (exit_.load() != Exit::Running) return;
   exit_msg_ = std::move(msg);
+  fail_pending_task("the driver stopped: " + exit_msg_);
   exit_.store(e);
   signal_eventfd(done_fd_.get());
+}
+
+FeResult<void> BalloonDriver::run_on_driver(Task task) {
+  std::unique_lock lk(task_mu_);
+  if (exit_.load() != Exit::Running || !thread_.joinable())
+    return fe_error(FrontendErrc::Cancelled, "the driver is not running");
+  task_cv_.wait(lk, [&] { return task_ == nullptr; });  // one task at a time
+  task_ = &task;
+  task_result_.reset();
+  signal_eventfd(wake_fd_.get());
+  task_cv_.wait(lk, [&] { return task_result_.has_value(); });
+  auto r = std::move(*task_result_);
+  task_result_.reset();
+  task_ = nullptr;
+  task_cv_.notify_all();
+  return r;
+}
+
+void BalloonDriver::run_pending_task() {
+  Task* t = nullptr;
+  {
+    std::lock_guard lk(task_mu_);
+    if (task_ == nullptr || task_result_) return;
+    t = task_;
+  }
+  FeResult<void> r = fe_ ? FeResult<void>{}
+                         : FeResult<void>{fe_error(FrontendErrc::Closed, "not connected")};
+  if (fe_) {
+    Device dev(*this);
+    r = (*t)(dev);
+  }
+  std::lock_guard lk(task_mu_);
+  task_result_ = std::move(r);
+  task_cv_.notify_all();
+}
+
+void BalloonDriver::fail_pending_task(const std::string& why) {
+  std::lock_guard lk(task_mu_);
+  if (task_ == nullptr || task_result_) return;
+  task_result_ = FeResult<void>{fe_error(FrontendErrc::Cancelled, why)};
+  task_cv_.notify_all();
+}
+
+std::vector<RingArea> BalloonDriver::Device::rings() const {
+  std::vector<RingArea> out;
+  const auto& layout = d_.fe_->negotiated().layout;
+  for (size_t q = 0; q < d_.queues_.size(); ++q)
+    out.push_back(d_.mem_.ring(ring_slot(layout.role(static_cast<uint32_t>(q)), q)));
+  return out;
+}
+
+FeResult<std::vector<uint16_t>> BalloonDriver::Device::stop_rings() {
+  std::vector<uint16_t> bases;
+  for (size_t q = 0; q < d_.queues_.size(); ++q) {
+    auto base = d_.fe_->stop_queue(static_cast<uint32_t>(q));
+    if (!base) return Unexpected<FrontendError>{base.error()};
+    const uint16_t published = d_.queues_[q].ring.avail_idx();
+    if ((*base & 0xffff) != published)
+      return fe_error(FrontendErrc::Protocol,
+                      fmt::format("queue {}: GET_VRING_BASE says next avail {}, we published {}",
+                                  q, *base, published));
+    bases.push_back(published);
+  }
+  return bases;
+}
+
+FeResult<void> BalloonDriver::Device::start_rings(Frontend& fe, const std::vector<uint16_t>& bases) {
+  const auto areas = rings();
+  if (bases.size() != areas.size())
+    return fe_error(FrontendErrc::Setup, "ring bases do not match the queues");
+  for (size_t q = 0; q < areas.size(); ++q) {
+    if (auto r = fe.setup_queue(static_cast<uint32_t>(q), areas[q], d_.mem_,
+                                d_.queues_[q].kick.get(), d_.queues_[q].call.get(), bases[q]);
+        !r)
+      return r;
+  }
+  return fe.driver_ok();
+}
+
+void BalloonDriver::Device::switch_to(std::unique_ptr<Frontend> fe, Connector connector) {
+  d_.fe_ = std::move(fe);  // closes the source connection
+  d_.connector_ = std::move(connector);
+  const auto& n = d_.fe_->negotiated();
+  d_.epoch_polling_ = n.epoch.has_value() && d_.opts_.epoch_poll.count() > 0;
+  d_.next_epoch_poll_ = Clock::now() + d_.opts_.epoch_poll;
+  if (!n.fph_epoch()) return;
+  // Read now, not at the next poll: the destination's LOAD bumped it.
+  if (auto e = d_.fe_->read_epoch(); e && *e) {
+    d_.epoch_reads_++;
+    d_.observe_epoch(**e);
+  }
 }
 
 void BalloonDriver::start() {
@@ -377,6 +469,7 @@ void BalloonDriver::join() {
 
 void BalloonDriver::loop() {
   while (!stop_.load()) {
+    run_pending_task();
     drain_used();
     if (epoch_polling_ && Clock::now() >= next_epoch_poll_) {
       std::string why;

@@ -157,7 +157,11 @@ uint64_t choose_features(uint64_t offered, const FrontendOptions& o) {
 
 uint64_t choose_protocol_features(uint64_t offered) {
   using namespace vu::protocol;
-  return (bit(kReplyAck) | bit(kConfig) | bit(kConfigureMemSlots) | bit(kStatus)) & offered;
+  // LOG_SHMFD and DEVICE_STATE as QEMU does: whenever offered, so that the
+  // VM can be migrated later (they cost nothing until used).
+  return (bit(kReplyAck) | bit(kConfig) | bit(kConfigureMemSlots) | bit(kStatus) |
+          bit(kLogShmfd) | bit(kDeviceState)) &
+         offered;
 }
 
 FeResult<vu::Message> Frontend::read_reply(vu::Request r) {
@@ -190,12 +194,13 @@ FeResult<void> Frontend::send(vu::Request r, std::span<const uint8_t> payload,
   return {};
 }
 
-FeResult<std::vector<uint8_t>> Frontend::call(vu::Request r, std::span<const uint8_t> payload) {
+FeResult<std::vector<uint8_t>> Frontend::call(vu::Request r, std::span<const uint8_t> payload,
+                                              std::span<const int> fds) {
   vu::Header h;
   h.request = static_cast<uint32_t>(r);
   h.flags = vu::kVersion;  // these always have a reply; NEED_REPLY is not used
   h.size = static_cast<uint32_t>(payload.size());
-  if (auto s = vu::send_message(sock_.get(), h, payload); !s)
+  if (auto s = vu::send_message(sock_.get(), h, payload, fds); !s)
     return Unexpected<FrontendError>{from_channel(s.error(), "send " + rname(r))};
   auto rep = read_reply(r);
   if (!rep) return Unexpected<FrontendError>{rep.error()};
@@ -261,7 +266,7 @@ FeResult<Negotiated> Frontend::negotiate(const GuestMemory& mem, const FrontendO
     vu::MemoryRegion m;
     m.guest_phys_addr = r.gpa;
     m.memory_size = r.size;
-    m.userspace_addr = reinterpret_cast<uint64_t>(r.host);
+    m.userspace_addr = r.user_addr ? r.user_addr : reinterpret_cast<uint64_t>(r.host);
     m.mmap_offset = r.mmap_offset;
     return m;
   };
@@ -353,9 +358,8 @@ FeResult<Negotiated> Frontend::negotiate(const GuestMemory& mem, const FrontendO
   return neg_;
 }
 
-FeResult<void> Frontend::setup_queue(uint32_t index, const RingArea& ring, const GuestMemory& mem,
-                                     int kick_fd, int call_fd) {
-  using vu::Request;
+FeResult<vu::VringAddr> Frontend::vring_addr(uint32_t index, const RingArea& ring,
+                                             const GuestMemory& mem) const {
   auto ua = [&](uint64_t gpa, uint64_t len) {
     return reinterpret_cast<uint64_t>(mem.translate(gpa, len));
   };
@@ -366,12 +370,20 @@ FeResult<void> Frontend::setup_queue(uint32_t index, const RingArea& ring, const
   a.used_user_addr = ua(ring.used_gpa, proto::vq::used_ring_bytes(ring.num));
   if (!a.desc_user_addr || !a.avail_user_addr || !a.used_user_addr)
     return fe_error(FrontendErrc::Setup, fmt::format("ring {} is outside guest memory", index));
+  return a;
+}
+
+FeResult<void> Frontend::setup_queue(uint32_t index, const RingArea& ring, const GuestMemory& mem,
+                                     int kick_fd, int call_fd, uint16_t base) {
+  using vu::Request;
+  auto a = vring_addr(index, ring, mem);
+  if (!a) return Unexpected<FrontendError>{a.error()};
 
   if (auto s = send(Request::SetVringNum, vu::encode_vring_state({index, ring.num})); !s)
     return Unexpected<FrontendError>{s.error()};
-  if (auto s = send(Request::SetVringBase, vu::encode_vring_state({index, 0})); !s)
+  if (auto s = send(Request::SetVringBase, vu::encode_vring_state({index, base})); !s)
     return Unexpected<FrontendError>{s.error()};
-  if (auto s = send(Request::SetVringAddr, vu::encode_vring_addr(a)); !s)
+  if (auto s = send(Request::SetVringAddr, vu::encode_vring_addr(*a)); !s)
     return Unexpected<FrontendError>{s.error()};
   if (auto s = send(Request::SetVringKick, vu::encode_u64(index), {&kick_fd, 1}); !s)
     return Unexpected<FrontendError>{s.error()};
@@ -382,6 +394,52 @@ FeResult<void> Frontend::setup_queue(uint32_t index, const RingArea& ring, const
     if (auto s = send(Request::SetVringEnable, vu::encode_vring_state({index, 1})); !s)
       return Unexpected<FrontendError>{s.error()};
   return {};
+}
+
+FeResult<void> Frontend::set_logging(bool on, std::span<const RingArea> rings,
+                                     const GuestMemory& mem) {
+  using vu::Request;
+  if (!(neg_.device_features & vu::feature::kLogAll))
+    return fe_error(FrontendErrc::Unsupported, "the back end does not offer VHOST_F_LOG_ALL");
+  const uint64_t f = on ? neg_.features | vu::feature::kLogAll : neg_.features;
+  if (auto s = send(Request::SetFeatures, vu::encode_u64(f)); !s)
+    return Unexpected<FrontendError>{s.error()};
+  for (uint32_t q = 0; q < rings.size(); ++q) {
+    auto a = vring_addr(q, rings[q], mem);
+    if (!a) return Unexpected<FrontendError>{a.error()};
+    a->flags = on ? vu::kVringFlagLog : 0;
+    a->log_guest_addr = on ? rings[q].used_gpa : 0;
+    if (auto s = send(Request::SetVringAddr, vu::encode_vring_addr(*a)); !s)
+      return Unexpected<FrontendError>{s.error()};
+  }
+  return {};
+}
+
+FeResult<void> Frontend::set_log_base(int fd, uint64_t size, uint64_t offset) {
+  auto p = call(vu::Request::SetLogBase, vu::encode_log({size, offset}), {&fd, 1});
+  if (!p) return Unexpected<FrontendError>{p.error()};
+  auto v = vu::parse_u64(*p, "SET_LOG_BASE reply");
+  if (!v) return fe_error(FrontendErrc::Protocol, v.error().message());
+  if (*v != 0) return fe_error(FrontendErrc::Nack, fmt::format("SET_LOG_BASE refused ({})", *v));
+  return {};
+}
+
+FeResult<void> Frontend::set_device_state_fd(bool load, int fd) {
+  auto p = call(vu::Request::SetDeviceStateFd,
+                vu::encode_device_state({load ? 1u : 0u, 0u}), {&fd, 1});
+  if (!p) return Unexpected<FrontendError>{p.error()};
+  auto v = vu::parse_u64(*p, "SET_DEVICE_STATE_FD reply");
+  if (!v) return fe_error(FrontendErrc::Protocol, v.error().message());
+  // Bits 0-7 an error code, bit 8 "no fd of mine: use yours" (the spec's
+  // invalid-fd flag). fphd always uses ours.
+  if (*v != vu::kVringNoFdMask)
+    return fe_error(FrontendErrc::Nack,
+                    fmt::format("SET_DEVICE_STATE_FD({}) refused ({:#x})", load ? "LOAD" : "SAVE", *v));
+  return {};
+}
+
+FeResult<uint64_t> Frontend::check_device_state() {
+  return call_u64(vu::Request::CheckDeviceState);
 }
 
 FeResult<void> Frontend::driver_ok() {

@@ -108,6 +108,7 @@ Expected<std::unique_ptr<GuestMemory>, std::string> GuestMemory::create(
   m->total_ = *total;
   m->region_size_ = region_size;
   m->hugetlb_ = o.hugetlb;
+  m->options_ = o;
 
   uint64_t reserved_bytes = 0;
   m->rings_ = layout_rings(o.gpa_base, o.ring_sizes, &reserved_bytes);
@@ -170,6 +171,34 @@ Expected<std::unique_ptr<GuestMemory>, std::string> GuestMemory::create(
 GuestMemory::~GuestMemory() {
   for (auto& r : regions_)
     if (r.host) munmap(r.host, r.size);
+}
+
+Expected<void, std::string> GuestMemory::adopt_backing(GuestMemory& twin) {
+  if (private_anon_ || twin.private_anon_ || twin.regions_.size() != regions_.size() ||
+      twin.total_ != total_ || twin.gpa_base_ != gpa_base_)
+    return unexpected(std::string("the destination RAM does not have the source's layout"));
+  for (size_t i = 0; i < regions_.size(); ++i) {
+    MemRegion& r = regions_[i];
+    MemRegion& t = twin.regions_[i];
+    if (t.size != r.size || !t.fd)
+      return unexpected(fmt::format("region {}: destination size {} differs", i, t.size));
+    // Replaces the old mapping atomically: no thread can see a hole here.
+    void* p = mmap(r.host, r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, t.fd.get(),
+                   static_cast<off_t>(t.mmap_offset));
+    if (p == MAP_FAILED) return unexpected(errno_text("mmap(MAP_FIXED, destination ram)"));
+    munmap(t.host, t.size);
+    t.host = nullptr;
+    r.fd = std::move(t.fd);
+    r.mmap_offset = t.mmap_offset;
+    r.user_addr = 0;
+  }
+  twin.regions_.clear();
+  return {};
+}
+
+void GuestMemory::announce_addresses_of(const GuestMemory& other) {
+  for (size_t i = 0; i < regions_.size() && i < other.regions_.size(); ++i)
+    regions_[i].user_addr = reinterpret_cast<uint64_t>(other.regions_[i].host);
 }
 
 uint8_t* GuestMemory::translate(uint64_t gpa, uint64_t len) const {

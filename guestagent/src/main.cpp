@@ -1,6 +1,7 @@
 // fph-guest: parse the command line into a Config and run (STYLE 10: thin main).
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 
@@ -74,6 +75,19 @@ int main(int argc, char** argv) {
                "print a \"reported\" event when the workload is done and all free memory is "
                "reported, and keep running");
   app.add_flag("--reconnect", c.reconnect, "reconnect and redo setup if fphd goes away");
+  int64_t migrate_after_ms = 0, migrate_min_precopy_ms = 0;
+  app.add_option("--migrate-to", c.migrate_to,
+                 "live-migrate the VM to the back end at this vhost-user socket (a second fphd): "
+                 "precopy with dirty logging, SAVE/LOAD of the device state, switch "
+                 "(docs/migration.md)");
+  app.add_option("--migrate-after-ms", migrate_after_ms, "start the migration N ms after setup")
+      ->capture_default_str();
+  app.add_option("--migrate-min-precopy-ms", migrate_min_precopy_ms,
+                 "keep copying dirty pages for at least N ms before the switch")
+      ->capture_default_str();
+  app.add_flag("--migrate-ignore-device-log", c.migrate_ignore_device_log,
+               "test control: do not resend the pages the source back end logged (the switch "
+               "then finds mismatches)");
   app.add_flag("--mem-table", c.mem_table, "use SET_MEM_TABLE even if ADD_MEM_REG is offered");
   app.add_flag("--require-discard", c.require_discard,
                "exit 3 if reported pages do not read back as zero/poison");
@@ -127,6 +141,8 @@ int main(int argc, char** argv) {
   else if (local_reclaim == "free") c.local_reclaim = LocalMethod::Free;
   c.reporting_delay = std::chrono::milliseconds(delay_ms);
   c.epoch_poll = std::chrono::milliseconds(epoch_poll_ms);
+  c.migrate_after = std::chrono::milliseconds(std::max<int64_t>(0, migrate_after_ms));
+  c.migrate_min_precopy = std::chrono::milliseconds(std::max<int64_t>(0, migrate_min_precopy_ms));
   c.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_timeout * 1000));
   if (duration > 0) c.duration = std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
   if (auto v = validate(c); !v) return fail(v.error());

@@ -256,6 +256,8 @@ Workload::Workload(BuddyAllocator& buddy, std::mutex& zone, MemoryChecker& check
       hooks_(std::move(hooks)), rng_(seed) {}
 
 std::optional<Held> Workload::alloc_block(int order) {
+  std::shared_lock<std::shared_mutex> running;
+  if (gate_) running = gate_->enter();
   std::optional<uint64_t> f;
   {
     std::lock_guard lk(zone_);
@@ -317,6 +319,8 @@ std::vector<Held> Workload::alloc_bytes(uint64_t bytes) {
 }
 
 void Workload::free_block(const Held& h, bool verify) {
+  std::shared_lock<std::shared_mutex> running;
+  if (gate_) running = gate_->enter();
   const uint64_t bad = verify ? checker_.verify(h.frame, h.order, h.gen) : 0;
   if (verify) counters_.verified_bytes += h.bytes();
   if (bad) {

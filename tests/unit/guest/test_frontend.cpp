@@ -716,7 +716,33 @@ TEST(Frontend, ChoosesFeatures) {
             bal::kFVersion1 | vu::feature::kProtocolFeatures);
   using namespace vu::protocol;
   EXPECT_EQ(choose_protocol_features(~0ull),
-            bit(kReplyAck) | bit(kConfig) | bit(kConfigureMemSlots) | bit(kStatus));
+            bit(kReplyAck) | bit(kConfig) | bit(kConfigureMemSlots) | bit(kStatus) |
+                bit(kLogShmfd) | bit(kDeviceState));
+}
+
+// The migration switch: the twin's memfds replace the guest's RAM at the
+// same addresses, so every pointer the guest holds now reads the twin.
+TEST(GuestMemory, AdoptBackingMapsTheTwinAtTheSameAddresses) {
+  auto src = GuestMemory::create(small_mem(16ull << 20, 2));
+  ASSERT_TRUE(src);
+  auto twin = GuestMemory::create((*src)->options());
+  ASSERT_TRUE(twin);
+  (*twin)->announce_addresses_of(**src);
+  EXPECT_EQ((*twin)->regions()[1].user_addr,
+            reinterpret_cast<uint64_t>((*src)->regions()[1].host));
+  uint8_t* p = (*src)->frame_ptr((*src)->frames() - 1);
+  *p = 1;
+  *(*twin)->frame_ptr((*src)->frames() - 1) = 2;
+  const int twin_fd = (*twin)->regions()[1].fd.get();
+  ASSERT_TRUE((*src)->adopt_backing(**twin));
+  EXPECT_EQ(*p, 2) << "same address, the twin's memory";
+  EXPECT_EQ((*src)->regions()[1].fd.get(), twin_fd);
+  EXPECT_EQ((*src)->regions()[1].user_addr, 0u);
+  EXPECT_TRUE((*twin)->regions().empty());
+  // A twin of another layout is refused.
+  auto other = GuestMemory::create(small_mem(8ull << 20, 1));
+  ASSERT_TRUE(other);
+  EXPECT_FALSE((*src)->adopt_backing(**other));
 }
 
 TEST(Frontend, HandshakeSequenceWithAddMemReg) {

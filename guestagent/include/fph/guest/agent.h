@@ -65,6 +65,14 @@ struct Config {
   // of reclaim, and on hugetlbfs they cost as much as the discard).
   bool defer_report_events = false;
   bool reconnect = false;
+  // Live migration (migration.h): to the back end at `migrate_to`,
+  // `migrate_after` the driver started, precopy lasting at least
+  // `migrate_min_precopy`. `migrate_ignore_device_log`: a negative control
+  // for tests (the back end's dirty log is read but not acted on).
+  std::string migrate_to;
+  std::chrono::milliseconds migrate_after{0};
+  std::chrono::milliseconds migrate_min_precopy{0};
+  bool migrate_ignore_device_log = false;
   bool require_discard = false;
   bool check_reported = true;    // false: --no-check-reported (timing runs)  // reported pages not reading as free value -> exit 3
   uint64_t seed = 1;

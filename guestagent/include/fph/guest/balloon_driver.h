@@ -27,6 +27,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -98,6 +99,36 @@ class BalloonDriver {
  public:
   enum class Exit { Running, Stopped, ConnectionLost, Error };
 
+  // The device as a live migration (the VMM's part, migration.h) uses it:
+  // valid only inside a task given to run_on_driver(), on the driver thread,
+  // while nothing else touches the connection or the rings.
+  class Device {
+   public:
+    Frontend& frontend() { return *d_.fe_; }
+    GuestMemory& memory() { return d_.mem_; }
+    // Ring area of every queue, by queue index.
+    std::vector<RingArea> rings() const;
+    // QEMU's vhost_dev_stop for every queue: SET_VRING_ENABLE 0 and
+    // GET_VRING_BASE, whose reply comes only once the back end has returned
+    // every request it took (reference 4.5). Returns the next avail index of
+    // each queue, checked against what the driver published.
+    FeResult<std::vector<uint16_t>> stop_rings();
+    // Starts the rings on `fe` (the source again after a failed migration,
+    // or the destination) at `bases`, with the same kick and call eventfds,
+    // then DRIVER_OK.
+    FeResult<void> start_rings(Frontend& fe, const std::vector<uint16_t>& bases);
+    // The guest now runs on `fe` (the destination): the old connection is
+    // closed, reconnects go through `connector`, and the epoch is read at
+    // once (a migration bumps it: everything free is reported again).
+    void switch_to(std::unique_ptr<Frontend> fe, Connector connector);
+
+   private:
+    friend class BalloonDriver;
+    explicit Device(BalloonDriver& d) : d_(d) {}
+    BalloonDriver& d_;
+  };
+  using Task = std::function<FeResult<void>(Device&)>;
+
   BalloonDriver(GuestMemory& mem, BuddyAllocator& buddy, std::mutex& zone, DriverOptions opts,
                 Connector connector, DriverHooks hooks);
   ~BalloonDriver();
@@ -110,6 +141,10 @@ class BalloonDriver {
   void start();
   // Workload freed a block of `order` (zone lock not held).
   void notify_free(int order);
+  // Runs `task` on the driver thread between two iterations of its loop
+  // (no request is posted or completed meanwhile) and returns its result;
+  // an error if the driver is not running or stops first.
+  FeResult<void> run_on_driver(Task task);
   // Ask the thread to stop gracefully; join() waits for it.
   void request_stop();
   void join();
@@ -151,6 +186,8 @@ class BalloonDriver {
   // GET_CONFIG(epoch) on the live connection; false = the connection failed
   // (`*why` says how; the caller drops it). A reply without the epoch is fine.
   bool poll_epoch(std::string* why);
+  void run_pending_task();
+  void fail_pending_task(const std::string& why);
   // A value read from the device: remember it, and on a change forget the
   // reported marks so that a pass reports all free memory again.
   void observe_epoch(uint32_t e);
@@ -194,6 +231,10 @@ class BalloonDriver {
   std::atomic<int64_t> epoch_{-1};        // remembered across connections; -1 = unknown
   std::atomic<uint64_t> epoch_changes_{0};
   std::atomic<uint64_t> epoch_reads_{0};
+  std::mutex task_mu_;
+  std::condition_variable task_cv_;
+  Task* task_ = nullptr;                     // set by run_on_driver, taken by the loop
+  std::optional<FeResult<void>> task_result_;
   std::thread thread_;
 };
 

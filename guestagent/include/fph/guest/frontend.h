@@ -85,6 +85,13 @@ struct Negotiated {
   proto::balloon::QueueLayout layout;
   proto::balloon::Config config;  // as read with GET_CONFIG (zero without CONFIG)
   bool used_mem_table = false;    // SET_MEM_TABLE rather than ADD_MEM_REG
+  // A live migration can use this back end: VHOST_F_LOG_ALL offered and the
+  // shared-memory log and device state transfer negotiated.
+  bool migratable() const {
+    return (device_features & proto::vu::feature::kLogAll) &&
+           has_protocol(proto::vu::protocol::kLogShmfd) &&
+           has_protocol(proto::vu::protocol::kDeviceState);
+  }
   // The migration epoch as read at setup; nullopt if fph_epoch() is not
   // negotiated or the back end did not answer the read with 4 bytes.
   std::optional<uint32_t> epoch;
@@ -119,10 +126,26 @@ class Frontend {
   // regions, GET_CONFIG, SET_CONFIG(poison_val), SET_STATUS(ACK|DRIVER|
   // FEATURES_OK). The queues come next (setup_queue), then driver_ok().
   FeResult<Negotiated> negotiate(const GuestMemory& mem, const FrontendOptions& o);
-  // SET_VRING_NUM, SET_VRING_BASE 0, SET_VRING_ADDR, SET_VRING_KICK,
+  // SET_VRING_NUM, SET_VRING_BASE `base`, SET_VRING_ADDR, SET_VRING_KICK,
   // SET_VRING_CALL, SET_VRING_ENABLE 1 for queue `index` living in `ring`.
+  // `base` is 0 for a fresh ring; a migration destination starts at the
+  // index the source's GET_VRING_BASE returned.
   FeResult<void> setup_queue(uint32_t index, const RingArea& ring, const GuestMemory& mem,
-                             int kick_fd, int call_fd);
+                             int kick_fd, int call_fd, uint16_t base = 0);
+  // Dirty logging for a live migration (QEMU's vhost_dev_set_log): SET_FEATURES
+  // with (or without) VHOST_F_LOG_ALL, then SET_VRING_ADDR again for every
+  // ring in `rings` with (or without) the log flag and log_guest_addr = its
+  // used ring. Needs LOG_ALL offered.
+  FeResult<void> set_logging(bool on, std::span<const RingArea> rings, const GuestMemory& mem);
+  // SET_LOG_BASE with a shared-memory log (LOG_SHMFD): the back end maps
+  // `size` bytes of `fd` at `offset` and answers 0 when it did.
+  FeResult<void> set_log_base(int fd, uint64_t size, uint64_t offset = 0);
+  // SET_DEVICE_STATE_FD(direction, STOPPED) with `fd`; true when the back end
+  // will use it (reply 0x100: the front end keeps only its own end), false
+  // when it answered with an fd of its own or refused (0x101 and others are
+  // errors). CHECK_DEVICE_STATE: 0 = the transfer succeeded.
+  FeResult<void> set_device_state_fd(bool load, int fd);
+  FeResult<uint64_t> check_device_state();
   FeResult<void> driver_ok();
   // Stop sequence for one queue (reference 4.5, QEMU's order):
   // SET_VRING_ENABLE 0, then GET_VRING_BASE; returns the back end's next
@@ -145,9 +168,12 @@ class Frontend {
                       std::span<const int> fds = {});
   // Sends a request that always has a reply and returns the reply payload
   // after checking REPLY flag and request id.
-  FeResult<std::vector<uint8_t>> call(proto::vu::Request r, std::span<const uint8_t> payload);
+  FeResult<std::vector<uint8_t>> call(proto::vu::Request r, std::span<const uint8_t> payload,
+                                      std::span<const int> fds = {});
 
  private:
+  FeResult<proto::vu::VringAddr> vring_addr(uint32_t index, const RingArea& ring,
+                                            const GuestMemory& mem) const;
   FeResult<proto::vu::Message> read_reply(proto::vu::Request r);
   FeResult<uint64_t> call_u64(proto::vu::Request r);
   FeResult<void> set_status(uint8_t status);

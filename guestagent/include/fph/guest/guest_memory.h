@@ -51,6 +51,10 @@ struct MemRegion {
   uint8_t* host = nullptr;   // our mapping of [gpa, gpa+size)
   uint64_t mmap_offset = 0;  // offset of the region inside `fd`
   UniqueFd fd;
+  // The address announced to the back end (userspace_addr), if not `host`:
+  // a migration's twin announces where it will be mapped after the switch,
+  // the guest's current addresses, which ring addresses are given in.
+  uint64_t user_addr = 0;
 };
 
 // Computes the ring slots (pure; exposed for tests). Slot q starts at
@@ -87,6 +91,20 @@ class GuestMemory final : public proto::vq::GuestMemory {
   // count until the kernel actually reclaims them).
   uint64_t backing_bytes() const;
 
+  // The options this memory was created with (a migration creates the
+  // destination's RAM as an identical twin).
+  const GuestMemoryOptions& options() const { return options_; }
+  // Live migration switch-over: maps `twin`'s regions over ours, at the same
+  // host addresses (MAP_FIXED), and takes its fds; from here every pointer
+  // into guest RAM (rings, blocks) reads and writes the twin's memory, as a
+  // guest resumed on the destination does. `twin` must have the same layout
+  // (created from options()); it is left without regions.
+  Expected<void, std::string> adopt_backing(GuestMemory& twin);
+  // Announce `other`'s host addresses (set on a twin, before its memory
+  // table is sent: the destination then sees the addresses the rings will
+  // have after adopt_backing()).
+  void announce_addresses_of(const GuestMemory& other);
+
  private:
   GuestMemory() = default;
   uint64_t gpa_base_ = 0;
@@ -97,6 +115,7 @@ class GuestMemory final : public proto::vq::GuestMemory {
   bool private_anon_ = false;
   std::vector<MemRegion> regions_;
   std::vector<RingArea> rings_;
+  GuestMemoryOptions options_;
 };
 
 }  // namespace fph::guest

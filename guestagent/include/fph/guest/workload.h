@@ -14,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -118,6 +119,21 @@ struct Held {
   uint64_t bytes() const { return kFrameSize << order; }
 };
 
+// The vCPUs of the VM, as far as fph-guest's workload is one: a live
+// migration stops them for its final copy (QEMU's vm_stop before the
+// stop-and-copy phase). Each workload operation that writes guest memory
+// (allocate and fill, poison and free) runs inside enter(); pause() waits for
+// the ones running and holds new ones until resume().
+class VcpuGate {
+ public:
+  std::shared_lock<std::shared_mutex> enter() { return std::shared_lock(mu_); }
+  void pause() { mu_.lock(); }
+  void resume() { mu_.unlock(); }
+
+ private:
+  std::shared_mutex mu_;
+};
+
 struct WorkloadHooks {
   std::function<void(int order)> notify_free;         // PageReporting::notify_free + wake
   std::function<void(uint64_t bytes)> on_freed;       // a free phase finished
@@ -144,6 +160,8 @@ class Workload {
   // Bytes that do not match their pattern (adds to corrupted_bytes).
   uint64_t verify_all(const std::vector<Held>& blocks);
 
+  // Operations run inside gate->enter() (live migration); nullptr: no gate.
+  void set_gate(VcpuGate* gate) { gate_ = gate; }
   // false: do not read reported pages on reallocation (timing runs).
   void set_check_reported(bool on) { check_reported_ = on; }
 
@@ -164,6 +182,7 @@ class Workload {
   const std::atomic<bool>* stop_ = nullptr;  // run()'s stop flag: ends allocation stalls
   bool warned_oom_ = false;
   bool check_reported_ = true;
+  VcpuGate* gate_ = nullptr;
 };
 
 }  // namespace fph::guest
