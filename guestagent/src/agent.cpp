@@ -485,6 +485,7 @@ int run(const Config& c, EventSink& events) {
         MigrationOptions mo;
         mo.destination = c.migrate_to;
         mo.min_precopy = c.migrate_min_precopy;
+        mo.destination_reply_timeout = c.migrate_reply_timeout;
         mo.ignore_device_log = c.migrate_ignore_device_log;
         events.emit({{"event", "migration_started"}, {"destination", c.migrate_to}});
         auto rep = migrate(mem, driver, vcpus, dopt.frontend, mo, migration_cancel);

@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
                "print a \"reported\" event when the workload is done and all free memory is "
                "reported, and keep running");
   app.add_flag("--reconnect", c.reconnect, "reconnect and redo setup if fphd goes away");
-  int64_t migrate_after_ms = 0, migrate_min_precopy_ms = 0;
+  int64_t migrate_after_ms = 0, migrate_min_precopy_ms = 0, migrate_reply_timeout_ms = 10000;
   app.add_option("--migrate-to", c.migrate_to,
                  "live-migrate the VM to the back end at this vhost-user socket (a second fphd): "
                  "precopy with dirty logging, SAVE/LOAD of the device state, switch "
@@ -84,6 +84,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--migrate-min-precopy-ms", migrate_min_precopy_ms,
                  "keep copying dirty pages for at least N ms before the switch")
+      ->capture_default_str();
+  app.add_option("--migrate-reply-timeout-ms", migrate_reply_timeout_ms,
+                 "give up (and stay on the source) if the destination does not answer within N ms")
       ->capture_default_str();
   app.add_flag("--migrate-ignore-device-log", c.migrate_ignore_device_log,
                "test control: do not resend the pages the source back end logged (the switch "
@@ -143,6 +146,7 @@ int main(int argc, char** argv) {
   c.epoch_poll = std::chrono::milliseconds(epoch_poll_ms);
   c.migrate_after = std::chrono::milliseconds(std::max<int64_t>(0, migrate_after_ms));
   c.migrate_min_precopy = std::chrono::milliseconds(std::max<int64_t>(0, migrate_min_precopy_ms));
+  c.migrate_reply_timeout = std::chrono::milliseconds(std::max<int64_t>(1, migrate_reply_timeout_ms));
   c.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_timeout * 1000));
   if (duration > 0) c.duration = std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
   if (auto v = validate(c); !v) return fail(v.error());

@@ -378,7 +378,7 @@ MigrationReport migrate(GuestMemory& mem, BalloonDriver& driver, VcpuGate& vcpus
   (*twin)->announce_addresses_of(mem);
   auto sock = connect_unix(o.destination, o.connect_timeout, &cancel);
   if (!sock) return fail("connect to the destination: " + sock.error().message);
-  auto dst = std::make_unique<Frontend>(std::move(*sock));
+  auto dst = std::make_unique<Frontend>(std::move(*sock), o.destination_reply_timeout);
   auto dneg = dst->negotiate(**twin, frontend);
   if (!dneg) return fail("destination setup: " + dneg.error().message);
 

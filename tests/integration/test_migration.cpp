@@ -325,3 +325,36 @@ TEST(Migration, TheDestinationDyingDuringPrecopyLeavesTheGuestReclaimingOnTheSou
   g.signal(SIGTERM);
   EXPECT_EQ(g.wait(), 0) << g.stderr_text();
 }
+
+// The destination hangs at the worst moment: the source has stopped its
+// rings and SAVEd, the vCPUs are paused, and the LOAD gets no answer. After
+// the reply timeout the guest resumes on the source (rings restarted at the
+// indices they stopped at, logging off), which keeps reclaiming for it.
+TEST(Migration, TheDestinationHangingAtLoadLeavesTheGuestReclaimingOnTheSource) {
+  Host src, dst;
+  Process g({guest_path(), "--connect", src.fphd.socket, "--name", "stays", "--memory", "256M",
+             "--resident", "16M", "--workload", "alloc-free:128M:12000", "--reporting-delay-ms",
+             "100", "--require-discard", "--migrate-to", dst.fphd.socket, "--migrate-after-ms",
+             "200", "--migrate-min-precopy-ms", "3000", "--migrate-reply-timeout-ms", "3000"},
+            src.dir.path + "/g.stderr");
+  ASSERT_TRUE(g.wait_event("migration_started")) << g.stderr_text();
+  ASSERT_TRUE(eventually([&] { return find(src.migration()).value("state", "") == "logging"; }))
+      << find(src.migration()).dump();
+  dst.fphd.proc->signal(SIGSTOP);
+  auto failed = g.wait_event("migration_failed", 120s);
+  dst.fphd.proc->signal(SIGKILL);
+  (void)dst.fphd.proc->wait();
+  ASSERT_TRUE(failed) << g.stderr_text();
+  EXPECT_NE((*failed)["error"].get<std::string>().find("LOAD"), std::string::npos) << failed->dump();
+  EXPECT_TRUE((*failed)["rolled_back"].get<bool>()) << failed->dump();
+  EXPECT_GT((*failed)["blob_bytes"].get<uint64_t>(), 0u) << "the source had SAVEd: " << failed->dump();
+  EXPECT_NE(find(src.migration()).value("state", ""), "logging");
+  ASSERT_TRUE(g.wait_event("workload_freed", 120s)) << g.stderr_text();
+  EXPECT_TRUE(eventually([&] { return memfd_allocated_bytes(g.pid()) <= 40 * static_cast<int64_t>(ts::MiB); }))
+      << "the source keeps reclaiming\n" << g.stderr_text();
+  g.signal(SIGTERM);
+  auto sum = g.wait_event("summary");
+  ASSERT_TRUE(sum) << g.stderr_text();
+  EXPECT_EQ((*sum)["corrupted_bytes"], 0);
+  EXPECT_EQ(g.wait(), 0) << g.stderr_text();
+}

@@ -72,6 +72,7 @@ struct Config {
   std::string migrate_to;
   std::chrono::milliseconds migrate_after{0};
   std::chrono::milliseconds migrate_min_precopy{0};
+  std::chrono::milliseconds migrate_reply_timeout{10000};  // the destination's answers
   bool migrate_ignore_device_log = false;
   bool require_discard = false;
   bool check_reported = true;    // false: --no-check-reported (timing runs)  // reported pages not reading as free value -> exit 3

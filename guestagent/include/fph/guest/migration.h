@@ -49,6 +49,10 @@ namespace fph::guest {
 struct MigrationOptions {
   std::string destination;  // vhost-user socket of the destination back end
   std::chrono::milliseconds connect_timeout{10000};
+  // How long the destination may take to answer any request (LOAD and
+  // CHECK_DEVICE_STATE included) before the migration gives up and the
+  // guest resumes on the source. The vCPUs are paused meanwhile.
+  std::chrono::milliseconds destination_reply_timeout{10000};
   // Precopy runs at least this long (so that a test's workload frees and
   // reports during it), then ends at the first pass with at most
   // `converge_pages` dirty pages, or at `max_passes` passes.
