@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include <fmt/format.h>
+
 #include "fph/common/checked.h"
 
 namespace fph::proto::balloon {
@@ -47,6 +49,31 @@ Config decode_config(std::span<const uint8_t, kConfigSize> bytes) {
 bool driver_writable(uint32_t offset, uint32_t size) {
   if (size == 0) return false;
   return range_within(offset, size, kOffActual, 4) || range_within(offset, size, kOffPoisonVal, 4);
+}
+
+Expected<void, ParseError> check_config_access(uint32_t offset, uint32_t size, uint32_t space,
+                                               ConfigAccess access) {
+  if (size == 0) return parse_error(ParseErrc::OutOfRange, "config.size", "is 0");
+  const auto end = checked_add(offset, size);
+  if (!end || *end > space) {
+    return parse_error(ParseErrc::OutOfRange, "config.offset",
+                       fmt::format("offset {} + size {} is past the end of the {}-byte config space",
+                                   offset, size, space));
+  }
+  if (access == ConfigAccess::Read) return {};
+  if (*end > kConfigSize) {
+    return parse_error(ParseErrc::OutOfRange, "config.offset",
+                       fmt::format("offset {} + size {}: only the first {} bytes are writable "
+                                   "(fph's epoch at {} is read only)",
+                                   offset, size, kConfigSize, kOffFphEpoch));
+  }
+  if (access == ConfigAccess::Write && !driver_writable(offset, size)) {
+    return parse_error(ParseErrc::BadValue, "config.offset",
+                       fmt::format("offset {} size {}: the driver may write only `actual` (4..8) "
+                                   "and `poison_val` (12..16)",
+                                   offset, size));
+  }
+  return {};
 }
 
 std::string_view to_string(QueueRole r) {

@@ -449,6 +449,50 @@ ParseResult<size_t> check_fds(uint32_t request, std::span<const uint8_t> payload
   return received;
 }
 
+// ---- replies ----
+
+bool always_replies(uint32_t request) {
+  switch (static_cast<Request>(request)) {
+    case Request::GetFeatures:
+    case Request::GetProtocolFeatures:
+    case Request::GetVringBase:
+    case Request::SetLogBase:
+    case Request::GetInflightFd:
+    case Request::GetConfig:
+    case Request::GetQueueNum:
+    case Request::GetMaxMemSlots:
+    case Request::GetStatus:
+    case Request::SetDeviceStateFd:
+    case Request::CheckDeviceState:
+    case Request::PostcopyAdvise:
+    case Request::PostcopyEnd:
+    case Request::CreateCryptoSession:
+    case Request::GetSharedObject:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::optional<std::vector<uint8_t>> error_reply(uint32_t request) {
+  switch (static_cast<Request>(request)) {
+    case Request::GetConfig:
+      // vu-doc: "zero length of payload" signals the error. A 12-byte
+      // header with size 0 rather than no payload at all: QEMU rejects both
+      // (the reply size must be 12 + the size asked for), and Linux's
+      // virtio_uml, which reuses its request buffer, would take a bare
+      // header as success with its own offset and size still in the buffer.
+      return encode_config(ConfigPayload{});
+    case Request::SetLogBase:
+    case Request::CheckDeviceState:
+      return encode_u64(1);
+    case Request::SetDeviceStateFd:
+      return encode_u64(0x101);  // bits 0-7: error, bit 8: no fd returned
+    default:
+      return std::nullopt;
+  }
+}
+
 // ---- encoders ----
 
 std::vector<uint8_t> encode_u64(uint64_t v) {

@@ -128,14 +128,18 @@ std::string_view to_string(ChainErrc c) {
     case ChainErrc::ReadableAfterWritable: return "readable descriptor after a writable one";
     case ChainErrc::LengthOverflow: return "chain length over 4 GiB";
     case ChainErrc::AvailIndexJump: return "avail index moved more than the queue size";
+    case ChainErrc::HeadInFlight: return "head offered again while still in flight";
   }
   return "unknown chain error";
 }
+
+bool ends_ring(ChainErrc c) { return c == ChainErrc::AvailIndexJump || c == ChainErrc::HeadInFlight; }
 
 std::string ChainError::message() const {
   if (code == ChainErrc::AvailIndexJump) {
     return fmt::format("{} (avail idx {})", to_string(code), desc_index);
   }
+  if (code == ChainErrc::HeadInFlight) return fmt::format("{} (head {})", to_string(code), head);
   return fmt::format("{} (head {}, descriptor {})", to_string(code), head, desc_index);
 }
 
@@ -151,7 +155,14 @@ DeviceRing::DeviceRing(uint16_t num, uint8_t* desc, uint8_t* avail, uint8_t* use
       indirect_allowed_(indirect_allowed),
       event_idx_(event_idx) {
   if (desc_ == nullptr || avail_ == nullptr || used_ == nullptr) num_ = 0;
+  in_flight_.assign(num_, 0);
   sync_used_idx();
+}
+
+bool DeviceRing::in_flight(uint16_t head) const { return head < num_ && in_flight_[head] != 0; }
+
+void DeviceRing::inherit_in_flight(const DeviceRing& old) {
+  if (old.num_ == num_) in_flight_ = old.in_flight_;
 }
 
 uint16_t DeviceRing::avail_idx() const {
@@ -186,6 +197,8 @@ Expected<std::optional<uint16_t>, ChainError> DeviceRing::pop_avail() {
   ++next_avail_;
   if (event_idx_) store<uint16_t>(used_ + kUsedRing + kUsedElemSize * num_, next_avail_);
   if (head >= num_) return unexpected(ChainError{ChainErrc::HeadOutOfRange, head, head});
+  if (in_flight_[head]) return unexpected(ChainError{ChainErrc::HeadInFlight, head, head});
+  in_flight_[head] = 1;
   return std::optional<uint16_t>{head};
 }
 
@@ -247,6 +260,7 @@ size_t DeviceRing::push_used(uint16_t head, uint32_t len) {
   const size_t off = kUsedRing + kUsedElemSize * static_cast<size_t>(used_idx_ % num_);
   store<uint32_t>(used_ + off, head);
   store<uint32_t>(used_ + off + 4, len);
+  if (head < num_) in_flight_[head] = 0;
   ++used_idx_;
   // virtio 1.2 2.7.8: the element is visible before the index that covers it.
   store<uint16_t, __ATOMIC_RELEASE>(used_ + kUsedIdx, used_idx_);

@@ -8,9 +8,11 @@
 #include <cstring>
 #include <span>
 
+#include "fph/proto/balloon.h"
 #include "fph/proto/vhost_user.h"
 
 namespace vu = fph::proto::vu;
+namespace balloon = fph::proto::balloon;
 
 namespace {
 
@@ -25,6 +27,37 @@ void touch_error(const R& r) {
 
 bool equal(std::span<const uint8_t> a, std::span<const uint8_t> b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size()) == 0);
+}
+
+// The config-space rule (GET/SET_CONFIG against the space fphd exposes):
+// whatever is allowed lies inside the space, writes inside the standard 16
+// bytes, plain writes inside one driver-writable field.
+void config_access(uint32_t offset, uint32_t size) {
+  using balloon::ConfigAccess;
+  for (uint32_t space : {balloon::kConfigSize, balloon::kExtConfigSize}) {
+    const uint64_t end = uint64_t{offset} + size;
+    auto rd = balloon::check_config_access(offset, size, space, ConfigAccess::Read);
+    check(rd.has_value() == (size > 0 && end <= space));
+    touch_error(rd);
+    auto mw = balloon::check_config_access(offset, size, space, ConfigAccess::MigrationWrite);
+    if (mw) check(rd && end <= balloon::kConfigSize);
+    touch_error(mw);
+    auto w = balloon::check_config_access(offset, size, space, ConfigAccess::Write);
+    if (w) check(mw && balloon::driver_writable(offset, size));
+    touch_error(w);
+  }
+}
+
+// Every request that always replies is answered on refusal: with its error
+// form, or the session closes. GET_CONFIG's error form is an empty config.
+void replies(uint32_t request) {
+  auto e = vu::error_reply(request);
+  if (e) check(vu::always_replies(request) && !e->empty());
+  if (request == static_cast<uint32_t>(vu::Request::GetConfig)) {
+    check(e.has_value());
+    auto c = vu::parse_config(*e);
+    check(!c && c.error().field == "config.size");  // size 0: the spec's error
+  }
 }
 
 void all_payload_parsers(std::span<const uint8_t> p) {
@@ -85,6 +118,7 @@ void all_payload_parsers(std::span<const uint8_t> p) {
     check(r->size == r->data.size());
     check(uint64_t{r->offset} + r->size <= vu::kMaxConfigSize);
     check(equal(vu::encode_config(*r), p));
+    config_access(r->offset, r->size);
   } else {
     touch_error(r);
   }
@@ -128,6 +162,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     payload = in.subspan(vu::kHeaderSize);
   }
   (void)vu::request_name(request);
+  replies(request);
+  if (payload.size() >= 8) {
+    uint32_t off, sz;
+    std::memcpy(&off, payload.data(), 4);
+    std::memcpy(&sz, payload.data() + 4, 4);
+    config_access(off, sz);
+  }
 
   all_payload_parsers(payload);
   if (payload.size() != size) all_payload_parsers(in);

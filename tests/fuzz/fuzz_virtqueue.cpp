@@ -4,7 +4,9 @@
 //
 // Input layout:
 //   byte 0      queue size = 1 << (byte & 7)   (1..128)
-//   byte 1      bit 0: INDIRECT_DESC negotiated, bit 1: EVENT_IDX
+//   byte 1      bit 0: INDIRECT_DESC negotiated, bit 1: EVENT_IDX,
+//               bit 2: hold every chain (return none), so a head offered
+//               twice is still in flight the second time
 //   bytes 2..3  next_avail to start from (as after SET_VRING_BASE)
 //   bytes 4..   image of guest memory from gpa 0 (at most kMem bytes)
 // Guest memory layout: descriptor table at 0, available ring at kAvail, used
@@ -48,16 +50,24 @@ class BufferMemory : public vq::GuestMemory {
 void device_side(uint16_t num, uint8_t flags, uint16_t next_avail, uint8_t* mem) {
   BufferMemory gm(mem);
   vq::DeviceRing ring(num, mem, mem + kAvail, mem + kUsed, next_avail, flags & 1, flags & 2);
+  const bool hold = flags & 4;
+  // Invariant: a head is taken at most once until it is returned.
+  std::vector<bool> taken(num, false);
   for (uint32_t i = 0; i < 2u * num + 2; ++i) {
     auto popped = ring.pop_avail();
     if (!popped) {
-      check(!popped.error().message().empty());
-      if (popped.error().code == vq::ChainErrc::AvailIndexJump) break;
+      const auto& e = popped.error();
+      check(!e.message().empty());
+      if (e.code == vq::ChainErrc::HeadInFlight) check(e.head < num && taken[e.head] && ring.in_flight(e.head));
+      if (vq::ends_ring(e.code)) break;
       continue;
     }
     if (!popped->has_value()) break;
     const uint16_t head = **popped;
     check(head < num);
+    check(!taken[head]);
+    check(ring.in_flight(head));
+    taken[head] = true;
     auto chain = ring.walk(head, gm);
     uint32_t len = 0;
     if (chain) {
@@ -78,10 +88,13 @@ void device_side(uint16_t num, uint8_t flags, uint16_t next_avail, uint8_t* mem)
     } else {
       check(!chain.error().message().empty());
     }
+    if (hold) continue;
     const uint16_t old = ring.used_idx();
     const size_t off = ring.push_used(head, len);
     check(off + 8 <= vq::used_ring_bytes(num));
     check(ring.used_idx() == static_cast<uint16_t>(old + 1));
+    check(!ring.in_flight(head));
+    taken[head] = false;
     (void)ring.should_notify(old);
   }
   // Every head directly, and one past the end.

@@ -48,6 +48,17 @@ vu = {
     "rem_mem_reg": msg(38, struct.pack("<Q", 0) + region(0x200000000, 0x200000, 0x7f8000000000, 0)),
     "set_device_state_fd": msg(42, struct.pack("<II", 0, 0)),
     "reply_u64": msg(1, struct.pack("<Q", 0), flags=0x5),
+    # Message rules (docs/protocol.md "Message rules").
+    "reply_flag_need_reply": msg(3, flags=0xd),
+    "get_config_epoch": msg(24, struct.pack("<III", 16, 4, 0) + bytes(4)),
+    "get_config_past_end": msg(24, struct.pack("<III", 16, 8, 0) + bytes(8)),
+    "get_config_size_0": msg(24, struct.pack("<III", 4, 0, 0)),
+    "get_config_offset_wraps": msg(24, struct.pack("<III", 0xfffffffc, 8, 0) + bytes(8)),
+    "set_config_epoch": msg(25, struct.pack("<III", 16, 4, 1) + struct.pack("<I", 7)),
+    "set_config_num_pages": msg(25, struct.pack("<III", 0, 4, 0) + struct.pack("<I", 7)),
+    "set_features_no_version_1": msg(2, struct.pack("<Q", (1 << 30) | (1 << 5)), flags=0x9),
+    "get_features_need_reply": msg(1, flags=0x9),
+    "get_vring_base_bad_index": msg(11, struct.pack("<II", 9, 0)),
 }
 for name, data in vu.items():
     write("fuzz_vhost_user", name, data)
@@ -87,6 +98,9 @@ write("fuzz_virtqueue", "event_idx_wrap",
       ring(3, 2, [(0x1000, 8, 0, 0), (0x2000, 8, WRITE, 0)], [0, 1, 0], used_event=1, next_avail=0xfffe))
 write("fuzz_virtqueue", "loop",
       ring(2, 0, [(0x1000, 8, NEXT, 1), (0x2000, 8, NEXT, 0)], [0, 1]))
+# A head offered again while still in flight (byte 1 bit 2: the device holds every chain).
+write("fuzz_virtqueue", "head_in_flight",
+      ring(3, 4, [(0x1000, 8, WRITE, 0), (0x2000, 8, WRITE, 0)], [0, 1, 0, 1]))
 
 
 # ---- fuzz_admin: request lines for the admin socket (docs/admin.md) ----

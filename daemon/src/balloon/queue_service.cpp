@@ -34,6 +34,7 @@ std::string chain_reason(vq::ChainErrc c) {
     case vq::ChainErrc::ReadableAfterWritable: return "chain_readable_after_writable";
     case vq::ChainErrc::LengthOverflow: return "chain_length_overflow";
     case vq::ChainErrc::AvailIndexJump: return "chain_avail_index_jump";
+    case vq::ChainErrc::HeadInFlight: return "chain_head_in_flight";
   }
   return "chain_invalid";
 }
@@ -237,7 +238,9 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
         const auto& e = h.error();
         log::error("queue", "vm={} vring {}: {}", s.name(), queue, e.message());
         vm.protocol_error(chain_reason(e.code));
-        if (e.code == vq::ChainErrc::AvailIndexJump) return false;
+        // A jump, or a head still in flight offered again: the ring is
+        // stopped here, before anything is planned or discarded for it.
+        if (vq::ends_ring(e.code)) return false;
         continue;  // the bad slot was consumed; there is no valid head to return
       }
       if (!*h) return true;

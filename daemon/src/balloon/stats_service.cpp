@@ -78,7 +78,7 @@ bool StatsService::service(Session& s, uint32_t queue, Vring& vr, std::mutex& mu
         const auto& e = h.error();
         log::error("stats", "vm={} vring {} (stats): {}", s.name(), queue, e.message());
         vm.protocol_error(chain_reason(e.code));
-        if (e.code == vq::ChainErrc::AvailIndexJump) return false;
+        if (vq::ends_ring(e.code)) return false;  // a jump, or a head still in flight (the held one)
         continue;  // the bad slot was consumed; there is no head to return
       }
       if (!*h) return true;

@@ -116,8 +116,7 @@ uint64_t Session::bump_epoch(std::string* not_notified) {
 bool Session::handle_set_log_base(vu::Message& m) {
   // With LOG_SHMFD this message always gets a u64 reply, 0 = success.
   auto refuse = [&](const std::string& reason, const std::string& detail) {
-    fail(m, reason, detail);
-    return send_reply_payload(m, vu::encode_u64(1));
+    return this->refuse(m.header, reason, detail);  // the error form: u64 1
   };
   if (!(protocol_features_ & vu::protocol::bit(vu::protocol::kLogShmfd)))
     return refuse("unsupported", "SET_LOG_BASE without the LOG_SHMFD protocol feature");
@@ -147,13 +146,12 @@ bool Session::handle_set_log_base(vu::Message& m) {
 
 bool Session::handle_set_device_state_fd(vu::Message& m) {
   auto refuse = [&](const std::string& reason, const std::string& detail) {
-    fail(m, reason, detail);
     {
       std::lock_guard lk(mu_);
       migration_error_ = detail;
       set_migration_state_locked(MigrationState::Failed);
     }
-    return send_reply_payload(m, vu::encode_u64(kStateError | kStateNoFd));
+    return this->refuse(m.header, reason, detail);  // the error form: kStateError | kStateNoFd
   };
   if (!(protocol_features_ & vu::protocol::bit(vu::protocol::kDeviceState)))
     return refuse("unsupported", "SET_DEVICE_STATE_FD without the DEVICE_STATE protocol feature");

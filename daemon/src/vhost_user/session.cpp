@@ -47,6 +47,20 @@ uint64_t offered_features(const DaemonContext& ctx) {
   return kOfferedFeatures | (ctx.stats_interval.count() > 0 ? balloon::kFStatsVq : 0);
 }
 
+std::optional<std::pair<std::string, std::string>> check_acked_features(uint64_t acked, uint64_t offered) {
+  if (acked & ~offered)
+    return std::pair<std::string, std::string>{
+        "features_not_offered", fmt::format("features: 0x{:x} include bits we did not offer (0x{:x})",
+                                            acked, acked & ~offered)};
+  if (!(acked & balloon::kFVersion1))
+    return std::pair<std::string, std::string>{
+        "version_1_missing",
+        fmt::format("features: 0x{:x} lack VIRTIO_F_VERSION_1 (bit 32); fphd is a virtio 1.x device "
+                    "only (no legacy interface); features not applied",
+                    acked)};
+  return std::nullopt;
+}
+
 Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
     : ctx_(ctx),
       sock_(std::move(sock)),
@@ -222,14 +236,9 @@ bool Session::serve_one() {
       if (e.code == vu::ChannelErrc::Closed) return false;
       if (e.code == vu::ChannelErrc::TooManyFds) {
         // The header was valid and the payload consumed: framing is intact,
-        // so only this message is refused.
-        log::error("session", "vm={} {} refused: {}", name_, vu::request_name(e.header.request),
-                   e.message());
-        vm_metrics_->protocol_error("too_many_fds");
-        if (e.header.need_reply() &&
-            (protocol_features_ & vu::protocol::bit(vu::protocol::kReplyAck)))
-          (void)vu::send_reply(sock_.get(), e.header.request, vu::encode_u64(1));
-        return true;
+        // so only this message is refused (its fds are already closed), and
+        // answered like any refused message.
+        return refuse(e.header, "too_many_fds", e.message());
       }
       if (e.code == vu::ChannelErrc::Protocol) {
         log::error("session", "vm={} bad message header, closing: {}", name_, e.message());
@@ -245,8 +254,36 @@ bool Session::serve_one() {
 }
 
 void Session::fail(const vu::Message& m, const std::string& reason, const std::string& detail) {
-  log::error("session", "vm={} {}: {}", name_, vu::request_name(m.header.request), detail);
+  fail(m.header, reason, detail);
+}
+
+void Session::fail(const vu::Header& h, const std::string& reason, const std::string& detail) {
+  log::error("session", "vm={} {}: {}", name_, vu::request_name(h.request), detail);
   vm_metrics_->protocol_error(reason);
+}
+
+bool Session::refuse(const vu::Header& h, const std::string& reason, const std::string& detail) {
+  fail(h, reason, detail);
+  if (vu::always_replies(h.request)) {
+    // The front end waits for this message's own reply; NEED_REPLY does not
+    // apply to it (vu-doc), so a REPLY_ACK nack would be read as the answer.
+    if (auto e = vu::error_reply(h.request)) {
+      auto r = vu::send_reply(sock_.get(), h.request, *e);
+      if (!r) {
+        log::warn("session", "vm={} error reply to {} failed: {}", name_, vu::request_name(h.request),
+                  r.error().message());
+        return false;
+      }
+      return true;
+    }
+    log::error("session", "vm={} {} refused and its reply has no error form: closing the session "
+               "rather than leaving the front end waiting", name_, vu::request_name(h.request));
+    return false;
+  }
+  if (!h.need_reply()) return true;
+  if (!(protocol_features_ & vu::protocol::bit(vu::protocol::kReplyAck))) return true;
+  (void)vu::send_reply(sock_.get(), h.request, vu::encode_u64(1));
+  return true;
 }
 
 void Session::send_ack(const vu::Message& m, bool ok) {
@@ -304,8 +341,7 @@ bool Session::prepare_reconfigure(const vu::Message& m, uint32_t idx, bool refus
     if (!v.started) return true;
     if (v.enabled && (features_ & vu::feature::kProtocolFeatures)) {
       if (!refuse_if_enabled) return true;
-      fail(m, "ring_busy", fmt::format("vring {} is started and enabled", idx));
-      send_ack(m, false);
+      (void)refuse(m.header, "ring_busy", fmt::format("vring {} is started and enabled", idx));
       return false;
     }
   }
@@ -345,9 +381,13 @@ void Session::start_ring(uint32_t idx) {
   // started) continues where it is: restarting from SET_VRING_BASE's value
   // would take chains that were already returned a second time, and their
   // ranges may have been reallocated by the guest since.
+  // Its in-flight heads stay in flight: they come back through the new ring,
+  // and offering one of them again is still an error.
   const uint16_t next_avail = v.started ? v.ring.next_avail() : v.base;
-  v.ring = proto::vq::DeviceRing(static_cast<uint16_t>(num), desc, avail, used, next_avail,
-                                 features_ & balloon::kFIndirectDesc, false);
+  proto::vq::DeviceRing ring(static_cast<uint16_t>(num), desc, avail, used, next_avail,
+                             features_ & balloon::kFIndirectDesc, false);
+  if (v.started) ring.inherit_in_flight(v.ring);
+  v.ring = std::move(ring);
   v.ring.sync_used_idx();
   v.ring_regions = table_->regions();
   v.started = true;
@@ -420,8 +460,9 @@ void Session::service_kick(uint32_t idx) {
   const bool ok = role == balloon::QueueRole::Stats ? stats_.service(*this, idx, vrings_[idx], mu_, table, ctx_.stats_interval)
                                                     : service_queue(*this, idx, role, vrings_[idx], mu_, table);
   if (!ok) {
-    log::error("session", "vm={} vring {} is broken (avail index moved past the ring); closing",
-               name_, idx);
+    // The queue service logged and counted why (chain_avail_index_jump,
+    // chain_head_in_flight): the ring cannot be served any more.
+    log::error("session", "vm={} vring {} is broken; closing the session", name_, idx);
     request_stop();
   }
 }
@@ -469,9 +510,14 @@ bool Session::handle(vu::Message& m) {
   const auto payload = std::span<const uint8_t>(m.payload);
   const std::string rname = vu::request_name(req);
 
+  // Only the back end sends replies on this socket (vu-doc: REPLY is set on
+  // replies): a front end that sets the flag has lost track of the
+  // conversation, and answering it could only add to the confusion.
   if (m.header.is_reply()) {
-    fail(m, "unexpected_reply", "front end sent a message with the REPLY flag");
-    return true;
+    fail(m, "unexpected_reply",
+         fmt::format("flags 0x{:x} carry the REPLY flag (0x{:x}), which only the back end sets; "
+                     "closing the session", m.header.flags, vu::kFlagReply));
+    return false;
   }
   // File descriptor count first: a message with the wrong number of fds is
   // refused as a whole (its fds are closed when `m` goes away).
@@ -479,16 +525,12 @@ bool Session::handle(vu::Message& m) {
     auto ok = vu::check_fds(req, payload, m.fds.size());
     if (!ok) {
       const bool count = ok.error().code == proto::ParseErrc::BadFdCount;
-      fail(m, count ? "bad_fd_count" : "bad_payload", ok.error().message());
-      send_ack(m, false);
-      return true;
+      return refuse(m.header, count ? "bad_fd_count" : "bad_payload", ok.error().message());
     }
   }
 
   auto bad = [&](const proto::ParseError& e) {
-    fail(m, "bad_payload", e.message());
-    send_ack(m, false);
-    return true;
+    return refuse(m.header, "bad_payload", e.message());
   };
 
   switch (static_cast<Request>(req)) {
@@ -498,15 +540,15 @@ bool Session::handle(vu::Message& m) {
     case Request::SetFeatures: {
       auto f = vu::parse_u64(payload, "features");
       if (!f) return bad(f.error());
-      const uint64_t offered = offered_features(ctx_);
-      if (*f & ~offered) {
-        fail(m, "features_not_offered",
-             fmt::format("acked features 0x{:x} include bits we did not offer (0x{:x})",
-                         *f, *f & ~offered));
-        send_ack(m, false);
-        return true;
+      if (auto why = check_acked_features(*f, offered_features(ctx_))) {
+        {
+          std::lock_guard lk(mu_);
+          features_refused_ = true;
+        }
+        return refuse(m.header, why->first, why->second);
       }
       std::lock_guard lk(mu_);
+      features_refused_ = false;
       const bool was_logging = features_ & vu::feature::kLogAll;
       const bool logging = *f & vu::feature::kLogAll;
       features_ = *f;
@@ -562,9 +604,7 @@ bool Session::handle(vu::Message& m) {
       for (size_t i = 0; i < regions->size(); ++i) {
         auto r = map_region((*regions)[i], std::move(m.fds[i]), ctx_.topology);
         if (!r) {
-          fail(m, "map_failed", fmt::format("regions[{}]: {}", i, r.error()));
-          send_ack(m, false);
-          return true;
+          return refuse(m.header, "map_failed", fmt::format("regions[{}]: {}", i, r.error()));
         }
         mapped.push_back(std::move(*r));
       }
@@ -584,22 +624,17 @@ bool Session::handle(vu::Message& m) {
         cur = table_;
       }
       if (cur->regions().size() >= vu::kMaxMemSlots) {
-        fail(m, "too_many_regions", fmt::format("already {} regions", cur->regions().size()));
-        send_ack(m, false);
-        return true;
+        return refuse(m.header, "too_many_regions",
+                      fmt::format("already {} regions", cur->regions().size()));
       }
       if (cur->overlaps(*r)) {
-        fail(m, "bad_payload",
+        return refuse(m.header, "bad_payload",
              fmt::format("region.guest_phys_addr: [0x{:x}, +0x{:x}) overlaps an existing region",
                          r->guest_phys_addr, r->memory_size));
-        send_ack(m, false);
-        return true;
       }
       auto mr = map_region(*r, std::move(m.fds[0]), ctx_.topology);
       if (!mr) {
-        fail(m, "map_failed", mr.error());
-        send_ack(m, false);
-        return true;
+        return refuse(m.header, "map_failed", mr.error());
       }
       auto regions = cur->regions();
       regions.push_back(std::move(*mr));
@@ -620,10 +655,9 @@ bool Session::handle(vu::Message& m) {
       }
       const int i = cur->find(*r);
       if (i < 0) {
-        fail(m, "bad_payload", fmt::format("region.guest_phys_addr: no region at 0x{:x} size 0x{:x}",
-                                           r->guest_phys_addr, r->memory_size));
-        send_ack(m, false);
-        return true;
+        return refuse(m.header, "bad_payload",
+                      fmt::format("region.guest_phys_addr: no region at 0x{:x} size 0x{:x}",
+                                  r->guest_phys_addr, r->memory_size));
       }
       auto regions = cur->regions();
       regions.erase(regions.begin() + i);
@@ -637,11 +671,9 @@ bool Session::handle(vu::Message& m) {
       auto s = vu::parse_vring_state(payload);
       if (!s) return bad(s.error());
       if (s->index >= kMaxQueues || !proto::vq::valid_queue_size(s->num)) {
-        fail(m, "bad_payload",
+        return refuse(m.header, "bad_payload",
              fmt::format("vring_state: index {} num {} (need index < {} and a power of two <= 32768)",
                          s->index, s->num, kMaxQueues));
-        send_ack(m, false);
-        return true;
       }
       if (!prepare_reconfigure(m, s->index, /*refuse_if_enabled=*/true)) return true;
       std::lock_guard lk(mu_);
@@ -655,11 +687,9 @@ bool Session::handle(vu::Message& m) {
       if (a->index >= kMaxQueues || !is_aligned(a->desc_user_addr, proto::vq::kDescAlign) ||
           !is_aligned(a->avail_user_addr, proto::vq::kAvailAlign) ||
           !is_aligned(a->used_user_addr, proto::vq::kUsedAlign)) {
-        fail(m, "bad_payload",
+        return refuse(m.header, "bad_payload",
              fmt::format("vring_addr: index {} or misaligned ring (desc 0x{:x}, avail 0x{:x}, used 0x{:x})",
                          a->index, a->desc_user_addr, a->avail_user_addr, a->used_user_addr));
-        send_ack(m, false);
-        return true;
       }
       if (!prepare_reconfigure(m, a->index, /*refuse_if_enabled=*/false)) return true;
       {
@@ -675,9 +705,8 @@ bool Session::handle(vu::Message& m) {
       auto s = vu::parse_vring_state(payload);
       if (!s) return bad(s.error());
       if (s->index >= kMaxQueues || s->num > 0xffff) {
-        fail(m, "bad_payload", fmt::format("vring_state: index {} base {}", s->index, s->num));
-        send_ack(m, false);
-        return true;
+        return refuse(m.header, "bad_payload",
+                      fmt::format("vring_state: index {} base {}", s->index, s->num));
       }
       if (!prepare_reconfigure(m, s->index, /*refuse_if_enabled=*/false)) return true;
       std::lock_guard lk(mu_);
@@ -688,11 +717,8 @@ bool Session::handle(vu::Message& m) {
     case Request::GetVringBase: {
       auto s = vu::parse_vring_state(payload);
       if (!s) return bad(s.error());
-      if (s->index >= kMaxQueues) {
-        fail(m, "bad_payload", fmt::format("vring_state.index {} out of range", s->index));
-        // This message always gets a reply: answer with base 0.
-        return send_reply_payload(m, vu::encode_vring_state({s->index, 0}));
-      }
+      if (s->index >= kMaxQueues)  // no error form: any base would be taken for the answer
+        return refuse(m.header, "bad_payload", fmt::format("vring_state.index {} out of range", s->index));
       stop_ring(s->index);
       uint16_t base;
       {
@@ -708,15 +734,11 @@ bool Session::handle(vu::Message& m) {
       auto p = vu::parse_vring_fd(payload);
       if (!p) return bad(p.error());
       if (p->index >= kMaxQueues) {
-        fail(m, "bad_payload", fmt::format("vring index {} out of range", p->index));
-        send_ack(m, false);
-        return true;
+        return refuse(m.header, "bad_payload", fmt::format("vring index {} out of range", p->index));
       }
       if (static_cast<Request>(req) == Request::SetVringKick) {
         if (p->no_fd) {
-          fail(m, "unsupported", "polling mode (no kick fd) is not supported");
-          send_ack(m, false);
-          return true;
+          return refuse(m.header, "unsupported", "polling mode (no kick fd) is not supported");
         }
         {
           std::lock_guard lk(mu_);
@@ -744,10 +766,8 @@ bool Session::handle(vu::Message& m) {
         if (fd && static_cast<Request>(req) == Request::SetVringCall) {
           const int fl = ::fcntl(fd.get(), F_GETFL);
           if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) < 0) {
-            fail(m, "bad_payload", fmt::format("vring {} call fd: fcntl: {}", p->index,
+            return refuse(m.header, "bad_payload", fmt::format("vring {} call fd: fcntl: {}", p->index,
                                                std::strerror(errno)));
-            send_ack(m, false);
-            return true;
           }
         }
         std::lock_guard lk(mu_);
@@ -768,9 +788,7 @@ bool Session::handle(vu::Message& m) {
       if (fd) {
         const int fl = ::fcntl(fd.get(), F_GETFL);
         if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) < 0) {
-          fail(m, "bad_payload", fmt::format("log fd: fcntl: {}", std::strerror(errno)));
-          send_ack(m, false);
-          return true;
+          return refuse(m.header, "bad_payload", fmt::format("log fd: fcntl: {}", std::strerror(errno)));
         }
       }
       std::lock_guard lk(mu_);
@@ -794,9 +812,8 @@ bool Session::handle(vu::Message& m) {
       auto s = vu::parse_vring_state(payload);
       if (!s) return bad(s.error());
       if (s->index >= kMaxQueues || s->num > 1) {
-        fail(m, "bad_payload", fmt::format("vring_state: index {} enable {}", s->index, s->num));
-        send_ack(m, false);
-        return true;
+        return refuse(m.header, "bad_payload",
+                      fmt::format("vring_state: index {} enable {}", s->index, s->num));
       }
       std::lock_guard lk(mu_);
       vrings_[s->index].enabled = s->num == 1;
@@ -805,13 +822,10 @@ bool Session::handle(vu::Message& m) {
 
     case Request::GetConfig: {
       auto c = vu::parse_config(payload);
-      if (!c) {
-        fail(m, "bad_payload", c.error().message());
-        // GET_CONFIG always gets a reply; an empty one tells QEMU it failed.
-        vu::ConfigPayload empty;
-        return send_reply_payload(m, vu::encode_config(empty));
-      }
-      vu::ConfigPayload out = *c;
+      if (!c) return bad(c.error());  // the error reply: offset 0, size 0
+      const uint32_t space = balloon::config_space_size(offered_features(ctx_));
+      if (auto ok = balloon::check_config_access(c->offset, c->size, space, balloon::ConfigAccess::Read); !ok)
+        return refuse(m.header, "bad_config_access", ok.error().message());
       // The standard 16 bytes, then fph's epoch (balloon.h kFFphEpoch).
       std::array<uint8_t, balloon::kExtConfigSize> bytes{};
       {
@@ -821,14 +835,7 @@ bool Session::handle(vu::Message& m) {
         const uint32_t e = static_cast<uint32_t>(epoch_);
         for (int i = 0; i < 4; ++i) bytes[balloon::kOffFphEpoch + i] = static_cast<uint8_t>(e >> (8 * i));
       }
-      if (c->offset + c->size > balloon::kExtConfigSize) {
-        fail(m, "bad_payload",
-             fmt::format("config: offset {} + size {} beyond the {}-byte balloon config", c->offset,
-                         c->size, balloon::kExtConfigSize));
-        out.size = 0;
-        out.data.clear();
-        return send_reply_payload(m, vu::encode_config(out));
-      }
+      vu::ConfigPayload out = *c;
       std::copy_n(bytes.begin() + c->offset, c->size, out.data.begin());
       return send_reply_payload(m, vu::encode_config(out));
     }
@@ -836,14 +843,11 @@ bool Session::handle(vu::Message& m) {
     case Request::SetConfig: {
       auto c = vu::parse_config(payload);
       if (!c) return bad(c.error());
-      const bool migration = c->flags == 1;
-      if (c->offset + c->size > balloon::kConfigSize ||
-          (!migration && !balloon::driver_writable(c->offset, c->size))) {
-        fail(m, "bad_payload",
-             fmt::format("config: write of {} bytes at offset {} is not allowed", c->size, c->offset));
-        send_ack(m, false);
-        return true;
-      }
+      const auto access =
+          c->flags == 1 ? balloon::ConfigAccess::MigrationWrite : balloon::ConfigAccess::Write;
+      const uint32_t space = balloon::config_space_size(offered_features(ctx_));
+      if (auto ok = balloon::check_config_access(c->offset, c->size, space, access); !ok)
+        return refuse(m.header, "bad_config_access", ok.error().message());
       std::lock_guard lk(mu_);
       auto bytes = balloon::encode_config(config_);
       std::copy(c->data.begin(), c->data.end(), bytes.begin() + c->offset);
@@ -865,13 +869,19 @@ bool Session::handle(vu::Message& m) {
       auto s = vu::parse_u64(payload, "status");
       if (!s) return bad(s.error());
       if (*s > 0xff) {
-        fail(m, "bad_payload", fmt::format("status 0x{:x} does not fit in 8 bits", *s));
-        send_ack(m, false);
-        return true;
+        return refuse(m.header, "bad_payload", fmt::format("status 0x{:x} does not fit in 8 bits", *s));
       }
       if (*s == 0) reset_device();  // virtio reset
       std::lock_guard lk(mu_);
-      status_ = static_cast<uint8_t>(*s);
+      uint8_t st = static_cast<uint8_t>(*s);
+      if ((st & balloon::kStatusFeaturesOk) && features_refused_) {
+        // virtio 1.2 2.2.2: a device that does not accept the driver's
+        // features fails to set FEATURES_OK; GET_STATUS shows it cleared.
+        log::warn("session", "vm={} SET_STATUS 0x{:x}: FEATURES_OK not taken, the last SET_FEATURES "
+                  "was refused", name_, st);
+        st = static_cast<uint8_t>(st & ~balloon::kStatusFeaturesOk);
+      }
+      status_ = st;
       break;
     }
 
@@ -885,13 +895,10 @@ bool Session::handle(vu::Message& m) {
     }
 
     default:
-      if (req == 0 || req > vu::kMaxRequest) {
-        fail(m, "unknown_request", fmt::format("unknown request id {}", req));
-      } else {
-        fail(m, "unsupported", "request not supported by this back end (feature not offered)");
-      }
-      send_ack(m, false);
-      return true;
+      if (req == 0 || req > vu::kMaxRequest)
+        return refuse(m.header, "unknown_request", fmt::format("unknown request id {}", req));
+      return refuse(m.header, "unsupported",
+                    "request not supported by this back end (feature not offered)");
   }
   send_ack(m, true);
   (void)rname;

@@ -88,3 +88,34 @@ TEST(BalloonQueues, RoleNames) {
   EXPECT_EQ(b::to_string(b::QueueRole::Reporting), "reporting");
   EXPECT_EQ(b::to_string(b::QueueRole::None), "none");
 }
+
+TEST(BalloonConfig, SpaceFollowsTheOffer) {
+  EXPECT_EQ(b::config_space_size(b::kFVersion1), 16u);
+  EXPECT_EQ(b::config_space_size(b::kFVersion1 | b::kFFphEpoch), 20u);
+}
+
+TEST(BalloonConfig, AccessIsCheckedAgainstTheSpace) {
+  using A = b::ConfigAccess;
+  // Reads anywhere inside, as Linux (0..4/8/16), QEMU (0..8) and fph-guest (16..20) do.
+  for (auto [o, s] : {std::pair<uint32_t, uint32_t>{0, 4}, {0, 8}, {0, 16}, {0, 20}, {16, 4}, {19, 1}})
+    EXPECT_TRUE(b::check_config_access(o, s, 20, A::Read)) << o << "+" << s;
+  auto past = b::check_config_access(16, 8, 20, A::Read);
+  ASSERT_FALSE(past);
+  EXPECT_EQ(past.error().field, "config.offset");
+  EXPECT_NE(past.error().detail.find("20-byte config space"), std::string::npos);
+  EXPECT_FALSE(b::check_config_access(16, 4, 16, A::Read));  // no epoch offered: 16 bytes
+  auto zero = b::check_config_access(4, 0, 20, A::Read);
+  ASSERT_FALSE(zero);
+  EXPECT_EQ(zero.error().field, "config.size");
+  EXPECT_FALSE(b::check_config_access(0xfffffffcu, 8, 20, A::Read));  // wraps 32 bits
+  EXPECT_FALSE(b::check_config_access(0xffffffffu, 0xffffffffu, 20, A::Read));
+  // Writes: actual and poison_val; a migration write any of the 16 standard bytes; the epoch never.
+  EXPECT_TRUE(b::check_config_access(b::kOffActual, 4, 20, A::Write));
+  EXPECT_TRUE(b::check_config_access(b::kOffPoisonVal, 4, 20, A::Write));
+  EXPECT_FALSE(b::check_config_access(b::kOffNumPages, 4, 20, A::Write));
+  EXPECT_FALSE(b::check_config_access(b::kOffActual, 8, 20, A::Write));
+  EXPECT_TRUE(b::check_config_access(0, 16, 20, A::MigrationWrite));
+  EXPECT_FALSE(b::check_config_access(b::kOffFphEpoch, 4, 20, A::MigrationWrite));
+  EXPECT_FALSE(b::check_config_access(b::kOffFphEpoch, 4, 20, A::Write));
+  EXPECT_FALSE(b::check_config_access(12, 8, 20, A::MigrationWrite));
+}

@@ -491,3 +491,28 @@ TEST(ParseErrorText, MessageNamesFieldAndDetail) {
   EXPECT_EQ(e.message(), "regions[2].memory_size: gpa + size overflows");
   EXPECT_EQ(fph::proto::to_string(ParseErrc::Overlap), "overlap");
 }
+
+TEST(VhostUserReplies, WhichRequestsAlwaysReplyAndTheirErrorForms) {
+  using R = vu::Request;
+  auto id = [](R r) { return static_cast<uint32_t>(r); };
+  for (R r : {R::GetFeatures, R::GetProtocolFeatures, R::GetVringBase, R::SetLogBase, R::GetConfig,
+              R::GetQueueNum, R::GetMaxMemSlots, R::GetStatus, R::SetDeviceStateFd,
+              R::CheckDeviceState, R::GetInflightFd, R::PostcopyAdvise})
+    EXPECT_TRUE(vu::always_replies(id(r))) << vu::request_name(id(r));
+  for (R r : {R::SetFeatures, R::SetOwner, R::SetMemTable, R::SetVringNum, R::SetVringKick,
+              R::SetConfig, R::SetStatus, R::AddMemReg})
+    EXPECT_FALSE(vu::always_replies(id(r))) << vu::request_name(id(r));
+  EXPECT_FALSE(vu::always_replies(0));
+  EXPECT_FALSE(vu::always_replies(999));
+  // Error forms: GET_CONFIG's empty config (offset 0, size 0), u64 1, 0x101.
+  auto cfg = vu::error_reply(id(R::GetConfig));
+  ASSERT_TRUE(cfg);
+  EXPECT_EQ(*cfg, std::vector<uint8_t>(12, 0));
+  EXPECT_EQ(vu::error_reply(id(R::SetLogBase)), vu::encode_u64(1));
+  EXPECT_EQ(vu::error_reply(id(R::CheckDeviceState)), vu::encode_u64(1));
+  EXPECT_EQ(vu::error_reply(id(R::SetDeviceStateFd)), vu::encode_u64(0x101));
+  // No error form: the session must close instead.
+  for (R r : {R::GetFeatures, R::GetProtocolFeatures, R::GetVringBase, R::GetQueueNum, R::GetStatus})
+    EXPECT_FALSE(vu::error_reply(id(r))) << vu::request_name(id(r));
+  EXPECT_FALSE(vu::error_reply(id(R::SetOwner)));
+}

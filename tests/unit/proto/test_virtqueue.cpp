@@ -264,8 +264,14 @@ TEST(Virtqueue, DriverIgnoresBogusUsedEntries) {
   std::vector<vq::Buffer> eight(8, vq::Buffer{0x1000, 8, false});
   auto all = p.drv.add_chain(eight);
   ASSERT_TRUE(all);
-  // Drain the device side past the bogus entries first.
-  for (int i = 0; i < 2; ++i) ASSERT_TRUE(p.dev.pop_avail());
+  // Drain the device side past the two chains it never took (the pushes
+  // above were bogus, not returns), returning them so that neither head is
+  // still in flight when the driver reuses it for the next chain.
+  for (int i = 0; i < 2; ++i) {
+    auto d = p.dev.pop_avail();
+    ASSERT_TRUE(d && d->has_value());
+    p.dev.push_used(**d, 0);
+  }
   auto h = p.dev.pop_avail();
   ASSERT_TRUE(h && h->has_value());
   auto c = p.dev.walk(**h, p.mem);
@@ -364,6 +370,72 @@ TEST(VirtqueueMalicious, AvailIndexJump) {
     ASSERT_TRUE(h && h->has_value());
     EXPECT_EQ(**h, i);
   }
+}
+
+// The driver offers a head the device has not returned yet: an error that
+// ends the ring (the caller stops serving it), the slot is consumed, and the
+// head is still in flight exactly once: returning it frees it for a later
+// offer. Heads that were returned can be offered again as usual.
+TEST(VirtqueueMalicious, HeadStillInFlightOfferedAgain) {
+  HandRing r(8);
+  auto ring = r.device();
+  r.d(3, 0x1000, 8);
+  r.d(4, 0x2000, 8);
+  r.post(0, 3);
+  r.post(1, 4);
+  r.post(2, 3);  // 3 again, still in flight
+  r.set_avail_idx(3);
+  auto a = ring.pop_avail();
+  ASSERT_TRUE(a && a->has_value());
+  EXPECT_EQ(**a, 3);
+  EXPECT_TRUE(ring.in_flight(3));
+  auto b = ring.pop_avail();
+  ASSERT_TRUE(b && b->has_value());
+  EXPECT_EQ(**b, 4);
+  auto dup = ring.pop_avail();
+  ASSERT_FALSE(dup);
+  EXPECT_EQ(dup.error().code, vq::ChainErrc::HeadInFlight);
+  EXPECT_EQ(dup.error().head, 3);
+  EXPECT_TRUE(vq::ends_ring(dup.error().code));
+  EXPECT_EQ(dup.error().message(), "head offered again while still in flight (head 3)");
+  EXPECT_EQ(ring.next_avail(), 3);  // consumed
+  // Returned once, then it may be offered again.
+  ring.push_used(3, 0);
+  EXPECT_FALSE(ring.in_flight(3));
+  EXPECT_TRUE(ring.in_flight(4));
+  r.post(3, 3);
+  r.set_avail_idx(4);
+  auto again = ring.pop_avail();
+  ASSERT_TRUE(again && again->has_value());
+  EXPECT_EQ(**again, 3);
+  // Only the two ring-ending errors end the ring.
+  EXPECT_TRUE(vq::ends_ring(vq::ChainErrc::AvailIndexJump));
+  EXPECT_FALSE(vq::ends_ring(vq::ChainErrc::HeadOutOfRange));
+  EXPECT_FALSE(vq::ends_ring(vq::ChainErrc::TooLong));
+}
+
+// A ring rebuilt over the same memory while running (new kick fd or new
+// addresses) keeps its in-flight heads.
+TEST(VirtqueueMalicious, InFlightHeadsSurviveARebuiltRing) {
+  HandRing r(8);
+  auto ring = r.device();
+  r.d(5, 0x1000, 8);
+  r.post(0, 5);
+  r.set_avail_idx(1);
+  ASSERT_TRUE(ring.pop_avail());
+  vq::DeviceRing rebuilt(8, r.desc, r.avail, r.used, ring.next_avail(), false, false);
+  EXPECT_FALSE(rebuilt.in_flight(5));
+  rebuilt.inherit_in_flight(ring);
+  EXPECT_TRUE(rebuilt.in_flight(5));
+  r.post(1, 5);
+  r.set_avail_idx(2);
+  auto dup = rebuilt.pop_avail();
+  ASSERT_FALSE(dup);
+  EXPECT_EQ(dup.error().code, vq::ChainErrc::HeadInFlight);
+  // A ring of another size inherits nothing.
+  vq::DeviceRing other(4, r.desc, r.avail, r.used, 0, false, false);
+  other.inherit_in_flight(ring);
+  EXPECT_FALSE(other.in_flight(5));
 }
 
 TEST(VirtqueueMalicious, NextOutOfRange) {
@@ -560,8 +632,9 @@ TEST(VirtqueueNotify, PopAvailPublishesAvailEvent) {
   ASSERT_TRUE(none && !none->has_value());
   EXPECT_EQ(r.avail_event(), 0);
   r.d(0, 0x1000, 8);
+  r.d(1, 0x1000, 8);
   r.post(0, 0);
-  r.post(1, 0);
+  r.post(1, 1);
   r.set_avail_idx(2);
   ASSERT_TRUE(ring.pop_avail());
   EXPECT_EQ(r.avail_event(), 1);

@@ -57,7 +57,8 @@ RequestPlan plan_request(const proto::vq::Chain& chain, proto::balloon::QueueRol
 std::string chain_reason(proto::vq::ChainErrc c);
 
 // Services a kicked queue. Returns false if the ring is broken beyond use
-// (the avail index jumped): the session must be closed.
+// (vq::ends_ring: the avail index jumped, or a head still in flight was
+// offered again; nothing is taken for it): the session must be closed.
 bool service_queue(Session& s, uint32_t queue, proto::balloon::QueueRole role, Vring& vr,
                    std::mutex& mu, const std::shared_ptr<const MemoryTable>& table);
 

@@ -14,7 +14,9 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fph/common/expected.h"
@@ -72,6 +74,13 @@ inline constexpr uint64_t kOfferedProtocolFeatures =
     proto::vu::protocol::bit(proto::vu::protocol::kDeviceState);
 // What a session offers: the above, plus STATS_VQ when a stats interval is set.
 uint64_t offered_features(const DaemonContext& ctx);
+// The one check of SET_FEATURES: nullopt if `acked` may be applied, else
+// (metric reason, log detail naming the field): `features_not_offered` (a
+// bit we did not offer) or `version_1_missing` (VIRTIO_F_VERSION_1 not
+// acked: fphd has no legacy interface, virtio 1.2 6.2 lets such a device
+// refuse to operate).
+std::optional<std::pair<std::string, std::string>> check_acked_features(uint64_t acked,
+                                                                         uint64_t offered);
 inline constexpr uint32_t kMaxQueues = 5;  // inflate, deflate, stats, free page, reporting
 
 enum class SessionState : uint8_t { Negotiating, Active, Stopped, Closing };
@@ -194,6 +203,14 @@ class Session : public std::enable_shared_from_this<Session> {
   bool serve_one();                     // false: close the session
   bool handle(proto::vu::Message& m);  // false: close the session
   void fail(const proto::vu::Message& m, const std::string& reason, const std::string& detail);
+  void fail(const proto::vu::Header& h, const std::string& reason, const std::string& detail);
+  // Refuses a message: logged and counted by fail(), then answered the way
+  // the front end can understand (docs/protocol.md "Message rules"): a
+  // message with a reply of its own gets that reply's error form, or, if it
+  // has none (GET_FEATURES, GET_VRING_BASE, ...), the session is closed
+  // rather than leaving the front end waiting; any other message gets a
+  // REPLY_ACK nack if it asked for one. Returns false: close the session.
+  bool refuse(const proto::vu::Header& h, const std::string& reason, const std::string& detail);
   void send_ack(const proto::vu::Message& m, bool ok);
   bool send_reply_payload(const proto::vu::Message& m, std::span<const uint8_t> payload);
   void start_ring(uint32_t idx);
@@ -237,6 +254,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::condition_variable cv_;
   uint64_t features_ = 0;        // acked by SET_FEATURES
   bool features_set_ = false;
+  // The last SET_FEATURES was refused: SET_STATUS does not take FEATURES_OK
+  // (virtio 1.2 2.2.2), so GET_STATUS tells the front end.
+  bool features_refused_ = false;
   uint64_t protocol_features_ = 0;
   uint8_t status_ = 0;
   proto::balloon::Config config_{};

@@ -65,6 +65,25 @@ Config decode_config(std::span<const uint8_t, kConfigSize> bytes);
 // (only `actual` and `poison_val`), unless it is a migration write.
 bool driver_writable(uint32_t offset, uint32_t size);
 
+// The config space a device exposes, in bytes: the standard 16, plus fph's
+// epoch (offset 16, 4 bytes) when kFFphEpoch is *offered*. virtio 1.2 2.5.1:
+// fields of features the device offers are readable before FEATURES_OK, so
+// the size depends on the offer, not on what the driver acked.
+constexpr uint32_t config_space_size(uint64_t offered_features) {
+  return (offered_features & kFFphEpoch) ? kExtConfigSize : kConfigSize;
+}
+
+// The one check of a GET_CONFIG / SET_CONFIG access against the config
+// space (docs/protocol.md "Message rules"): size > 0 and
+// [offset, offset + size) inside `space` bytes (no overflow); a write
+// additionally lies inside the standard 16 bytes (the epoch is read only,
+// even for a migration write: it travels in the device state) and, unless
+// it is a migration write, inside one driver-writable field. The error
+// names the field (`config.size`, `config.offset`) and the bound.
+enum class ConfigAccess : uint8_t { Read, Write, MigrationWrite };
+Expected<void, ParseError> check_config_access(uint32_t offset, uint32_t size, uint32_t space,
+                                               ConfigAccess access);
+
 // Queue roles, numbered densely by negotiated features the way Linux
 // (vp_find_vqs skips absent queues) and QEMU do it: inflate, deflate,
 // [stats], [free_page], [reporting]. The spec text's fixed indices (4 for

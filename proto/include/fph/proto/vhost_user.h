@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -215,6 +216,22 @@ ParseResult<FdCountRange> expected_fds_range(uint32_t request, std::span<const u
 // a BadFdCount error whose field is the request name ("SET_MEM_TABLE.fds").
 ParseResult<size_t> check_fds(uint32_t request, std::span<const uint8_t> payload,
                               size_t received);
+
+// Requests the back end always answers with a reply of their own, whatever
+// NEED_REPLY says (vu-doc; reference 4.1): GET_FEATURES,
+// GET_PROTOCOL_FEATURES, GET_VRING_BASE, SET_LOG_BASE, GET_INFLIGHT_FD,
+// GET_CONFIG, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_STATUS,
+// SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE, POSTCOPY_ADVISE, POSTCOPY_END,
+// CREATE_CRYPTO_SESSION, GET_SHARED_OBJECT. The front end waits for that
+// reply, so a refusal must answer it (or close the connection).
+bool always_replies(uint32_t request);
+// For a request that always replies: the reply payload that says "failed"
+// (GET_CONFIG: offset 0, size 0, no data; SET_LOG_BASE and
+// CHECK_DEVICE_STATE: u64 1; SET_DEVICE_STATE_FD: u64 0x101, error and no
+// fd), or nullopt if its reply has no error form (GET_FEATURES,
+// GET_VRING_BASE, ...: any value would be taken as an answer). nullopt for
+// requests that do not always reply, too.
+std::optional<std::vector<uint8_t>> error_reply(uint32_t request);
 
 // Encoders (used by the front end and by replies).
 std::vector<uint8_t> encode_u64(uint64_t v);

@@ -77,9 +77,17 @@ enum class ChainErrc : uint8_t {
   ReadableAfterWritable,
   LengthOverflow,     // total chain length over 2^32
   AvailIndexJump,     // avail idx moved more than `num` past our position
+  HeadInFlight,       // the avail ring offers a head the device has not returned yet
 };
 
 std::string_view to_string(ChainErrc c);
+// Errors after which the ring cannot be served any more (the session must
+// stop it): the avail index jumped, or a head still in flight was offered
+// again (virtio 1.2 2.7.13: the driver makes a buffer available only once,
+// until the device has used it; serving it twice would return one head
+// twice and the driver would see a used id it no longer owns). Other chain
+// errors concern one chain only.
+bool ends_ring(ChainErrc c);
 
 struct ChainError {
   ChainErrc code = ChainErrc::TooLong;
@@ -119,15 +127,24 @@ class DeviceRing {
   // Guest's avail->idx (acquire).
   uint16_t avail_idx() const;
   // The next available head, or nullopt if none. Errors if the guest moved
-  // avail->idx more than num entries ahead (AvailIndexJump) or the head is out
+  // avail->idx more than num entries ahead (AvailIndexJump), the head is out
   // of range (the slot is consumed either way, so one bad entry does not wedge
-  // the ring).
+  // the ring), or the head is still in flight (HeadInFlight: taken by an
+  // earlier pop_avail and not yet given to push_used; the slot is consumed
+  // and the head stays in flight once). A head returned is in flight until
+  // push_used(head).
   Expected<std::optional<uint16_t>, ChainError> pop_avail();
+  // Whether `head` was taken by pop_avail and not returned yet.
+  bool in_flight(uint16_t head) const;
+  // A ring rebuilt over new addresses while running (a new kick fd, new
+  // addresses from SET_VRING_ADDR): takes over the heads `old` still has in
+  // flight, so they are still known when they come back. Same size only.
+  void inherit_in_flight(const DeviceRing& old);
   // Walks and validates the chain starting at head.
   Expected<Chain, ChainError> walk(uint16_t head, const GuestMemory& mem) const;
   // Writes used[used_idx % num] = {head, len}, then publishes used->idx
-  // (release). Returns the byte offset of the element within the used ring
-  // (for dirty logging).
+  // (release); `head` is no longer in flight. Returns the byte offset of the
+  // element within the used ring (for dirty logging).
   size_t push_used(uint16_t head, uint32_t len);
   // Whether the driver wants a notification after pushing (flags or
   // EVENT_IDX used_event rule).
@@ -144,6 +161,7 @@ class DeviceRing {
   uint16_t used_idx_ = 0;
   bool indirect_allowed_ = false;
   bool event_idx_ = false;
+  std::vector<uint8_t> in_flight_;  // [head]: 1 from pop_avail until push_used
 };
 
 // Driver side of one split ring over memory the driver owns.
