@@ -13,3 +13,20 @@ if(FPH_BUILD_TESTS)
            COMMAND fph-bench --quick --guests=1,4 --backing=shmem --repetitions=1)
   set_tests_properties(bench_smoke PROPERTIES LABELS bench RUN_SERIAL TRUE TIMEOUT 300)
 endif()
+
+# fph-migration-bench: fphd's share of live-migration downtime (GET_VRING_BASE
+# drain with requests in flight, SAVE, LOAD, blob size) over repeated
+# migrations between two real fphd processes, and reclaim throughput with
+# dirty logging on vs off (see migration_bench.cpp, docs/bench-migration.md).
+add_executable(fph-migration-bench ${CMAKE_CURRENT_LIST_DIR}/migration_bench.cpp)
+target_link_libraries(fph-migration-bench PRIVATE fph::guest fph::proto nlohmann_json::nlohmann_json fmt::fmt
+                      Threads::Threads)
+target_compile_definitions(fph-migration-bench PRIVATE FPH_FPHD_PATH="$<TARGET_FILE:fphd>")
+add_dependencies(fph-migration-bench fphd)
+
+if(FPH_BUILD_TESTS)
+  # Every step and every check of the bench, small: it exits 1 on a failed
+  # check, a nack or a mismatch. No timing is asserted.
+  add_test(NAME migration_bench_smoke COMMAND fph-migration-bench --quick)
+  set_tests_properties(migration_bench_smoke PROPERTIES LABELS bench RUN_SERIAL TRUE TIMEOUT 300)
+endif()
