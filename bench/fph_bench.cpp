@@ -112,6 +112,7 @@
 #include <thread>
 #include <vector>
 
+#include "percentile.h"
 #include "fph/probe/scrape.h"
 
 #ifndef FPH_FPHD_PATH
@@ -271,21 +272,9 @@ int64_t mono_ns(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
 }
 
-double median(std::vector<double> v) {
-  if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
+using fph::bench::median;
 
-// Nearest-rank percentile.
-double percentile(std::vector<double> v, double p) {
-  if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
-  size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
-  rank = std::clamp<size_t>(rank, 1, v.size());
-  return v[rank - 1];
-}
+using fph::bench::percentile;
 
 std::string human_bytes(double b) {
   char buf[64];

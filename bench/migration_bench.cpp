@@ -110,10 +110,12 @@
 
 #include <fmt/format.h>
 
+#include "percentile.h"
 #include "fph/common/log.h"
 #include "fph/common/unique_fd.h"
 #include "fph/guest/buddy.h"
 #include "fph/guest/frontend.h"
+#include "fph/guest/workload.h"
 #include "fph/guest/guest_memory.h"
 #include "fph/proto/balloon.h"
 #include "fph/proto/channel.h"
@@ -190,20 +192,11 @@ struct Options {
   std::exit(2);
 }
 
+// "64M", "1G": fph-guest's size syntax (binary units).
 uint64_t parse_size(const std::string& s) {
-  size_t pos = 0;
-  const double v = std::stod(s, &pos);
-  uint64_t unit = 1;
-  if (pos < s.size()) {
-    switch (std::toupper(static_cast<unsigned char>(s[pos]))) {
-      case 'K': unit = 1024; break;
-      case 'M': unit = kMiB; break;
-      case 'G': unit = kGiB; break;
-      default: throw std::invalid_argument(s);
-    }
-  }
-  if (v <= 0) throw std::invalid_argument(s);
-  return static_cast<uint64_t>(v * static_cast<double>(unit));
+  auto v = fph::guest::parse_size(s);
+  if (!v || *v == 0) throw std::invalid_argument(s);
+  return *v;
 }
 
 Options parse_args(int argc, char** argv) {
@@ -259,20 +252,8 @@ Options parse_args(int argc, char** argv) {
 
 // ------------------------------------------------------------------ statistics
 
-// Nearest-rank percentile (p99 of fewer than 100 samples is the largest).
-double percentile(std::vector<double> v, double p) {
-  if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
-  size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
-  rank = std::clamp<size_t>(rank, 1, v.size());
-  return v[rank - 1];
-}
-double median(std::vector<double> v) {
-  if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
+using fph::bench::median;
+using fph::bench::percentile;
 json summary(const std::vector<double>& v) {
   return {{"p50", percentile(v, 50)},
           {"p99", percentile(v, 99)},
