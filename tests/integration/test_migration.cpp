@@ -333,9 +333,9 @@ TEST(Migration, TheDestinationDyingDuringPrecopyLeavesTheGuestReclaimingOnTheSou
 TEST(Migration, TheDestinationHangingAtLoadLeavesTheGuestReclaimingOnTheSource) {
   Host src, dst;
   Process g({guest_path(), "--connect", src.fphd.socket, "--name", "stays", "--memory", "256M",
-             "--resident", "16M", "--workload", "alloc-free:128M:12000", "--reporting-delay-ms",
+             "--resident", "16M", "--workload", "alloc-free:128M:15000", "--reporting-delay-ms",
              "100", "--require-discard", "--migrate-to", dst.fphd.socket, "--migrate-after-ms",
-             "200", "--migrate-min-precopy-ms", "3000", "--migrate-reply-timeout-ms", "3000"},
+             "200", "--migrate-min-precopy-ms", "5000", "--migrate-reply-timeout-ms", "3000"},
             src.dir.path + "/g.stderr");
   ASSERT_TRUE(g.wait_event("migration_started")) << g.stderr_text();
   ASSERT_TRUE(eventually([&] { return find(src.migration()).value("state", "") == "logging"; }))
