@@ -1,6 +1,14 @@
 # fph-bench: end-to-end reclaim throughput, latency and CPU of the real fphd
 # and fph-guest binaries against the raw fallocate limit (see fph_bench.cpp).
-add_executable(fph-bench ${CMAKE_CURRENT_LIST_DIR}/fph_bench.cpp)
+add_executable(fph-bench
+  ${CMAKE_CURRENT_LIST_DIR}/fph_bench.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/options.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/processes.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/measure.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/hugepages.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/scenarios.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/raw_limit.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/report.cpp)
 target_link_libraries(fph-bench PRIVATE fph::probe benchmark::benchmark nlohmann_json::nlohmann_json Threads::Threads)
 target_compile_definitions(fph-bench PRIVATE
   FPH_FPHD_PATH="$<TARGET_FILE:fphd>" FPH_GUEST_PATH="$<TARGET_FILE:fph-guest>")

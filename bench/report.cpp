@@ -1,0 +1,91 @@
+// The report: the summary table of every scenario, from the results the
+// benchmarks collected. Medians over the repetitions, latency percentiles
+// over all requests of all repetitions, ratios as the median of the
+// per-pair ratios, and the verdict against the targets.
+#include "report.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "options.h"
+#include "percentile.h"
+
+namespace fph::bench {
+
+std::map<std::string, std::vector<E2EResult>> g_e2e;
+std::map<std::string, std::vector<RawResult>> g_raw;
+std::map<std::string, std::string> g_skipped;
+bool g_failed = false;
+
+void print_table(FILE* out) {
+  std::fprintf(out,
+               "\nfph-bench summary: total guest memory %s per scenario, %d discard thread(s) per "
+               "node, medians of %d repetition(s); ratio = median of the per-pair ratios (each "
+               "end-to-end run against the raw loop run right after it)\n",
+               human_bytes(static_cast<double>(g_opt.total)).c_str(), g_opt.threads, g_opt.repetitions);
+  std::fprintf(out, "%-8s %6s %9s | %9s %9s %6s | %9s %9s %6s | %8s %8s | %9s %9s | %s\n", "backing",
+               "guests", "per-guest", "e2e GiB/s", "raw GiB/s", "ratio", "e2e s/GiB", "raw s/GiB",
+               "ratio", "p50 us", "p99 us", "reported", "issued", "target (>=0.9 tput, <=1.1 cpu)");
+  for (const auto& b : g_opt.backings) {
+    for (int g : g_opt.guests) {
+      const Scenario sc = make_scenario(b, g);
+      const std::string key = sc.key();
+      if (g_skipped.count(key)) {
+        std::fprintf(out, "%-8s %6d %9s | %s\n", b.c_str(), g, human_bytes(static_cast<double>(sc.mem)).c_str(),
+                     g_skipped[key].c_str());
+        continue;
+      }
+      const auto& es = g_e2e[key];
+      const auto& rs = g_raw[key];
+      if (es.empty()) {
+        std::fprintf(out, "%-8s %6d %9s | no end-to-end result (failed or filtered out)\n", b.c_str(), g,
+                     human_bytes(static_cast<double>(sc.mem)).c_str());
+        continue;
+      }
+      std::vector<double> et, ec, lat;
+      double rep_b = 0, rep_n = 0, iss_b = 0, iss_n = 0;
+      for (const auto& e : es) {
+        et.push_back(e.tput());
+        ec.push_back(e.cpu_per_gib());
+        lat.insert(lat.end(), e.latencies_us.begin(), e.latencies_us.end());
+        rep_b += static_cast<double>(e.reported_bytes);
+        rep_n += static_cast<double>(e.reported_blocks);
+        iss_b += e.issued_bytes;
+        iss_n += e.issued_syscalls;
+      }
+      std::vector<double> rt, rc;
+      for (const auto& r : rs) {
+        rt.push_back(r.tput());
+        rc.push_back(r.cpu_per_gib());
+      }
+      const double e_t = median(et), e_c = median(ec);
+      const double r_t = median(rt), r_c = median(rc);
+      // Median of the per-pair ratios (each end-to-end run against the raw
+      // loop that ran right after it), not the ratio of medians.
+      std::vector<double> ptr, pcr;
+      for (size_t i = 0; i < std::min(es.size(), rs.size()); ++i) {
+        ptr.push_back(es[i].tput() / rs[i].tput());
+        pcr.push_back(es[i].cpu_per_gib() / rs[i].cpu_per_gib());
+      }
+      const double tr = ptr.empty() ? std::nan("") : median(ptr);
+      const double cr = pcr.empty() ? std::nan("") : median(pcr);
+      std::string verdict;
+      if (rs.empty()) verdict = "no raw result";
+      else if (g < 4) verdict = std::string("(not judged, < 4 guests) ") + (tr >= 0.9 && cr <= 1.1 ? "would meet" : "would miss");
+      else verdict = std::string(tr >= 0.9 ? "tput MET" : "tput MISSED") + ", " + (cr <= 1.1 ? "cpu MET" : "cpu MISSED");
+      std::fprintf(out, "%-8s %6d %9s | %9.2f %9.2f %6.2f | %9.3f %9.3f %6.2f | %8.0f %8.0f | %9s %9s | %s\n",
+                   b.c_str(), g, human_bytes(static_cast<double>(sc.mem)).c_str(), e_t / kGiBd, r_t / kGiBd, tr,
+                   e_c, r_c, cr, percentile(lat, 50), percentile(lat, 99),
+                   rep_n > 0 ? human_bytes(rep_b / rep_n).c_str() : "-",
+                   iss_n > 0 ? human_bytes(iss_b / iss_n).c_str() : "-", verdict.c_str());
+    }
+  }
+  std::fprintf(out,
+               "reported = mean descriptor the guests posted (raw loop block: %s); issued = mean "
+               "fallocate fphd made (it coalesces adjacent ranges)\n",
+               g_opt.raw_block ? human_bytes(static_cast<double>(g_opt.raw_block)).c_str()
+                               : "the reported size, rounded to a power of two");
+  std::fflush(out);
+}
+
+}  // namespace fph::bench
