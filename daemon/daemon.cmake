@@ -3,7 +3,8 @@
 #   vhost_user/  the protocol: server.cpp (sockets, one thread per VM),
 #                session.cpp (one VM's connection, memory table, rings),
 #                backend_channel.cpp (back end -> front end requests),
-#                guest_memory.cpp (mapped regions, address translation)
+#                guest_memory.cpp (mapped regions, address translation),
+#                memory_guard.cpp (a shrunk guest file never SIGBUSes fphd)
 #   balloon/     the virtio-balloon device: queue_service.cpp (validate chains,
 #                translate ranges, submit, return chains), stats_service.cpp
 #                (the stats queue: parse and hold the driver's stats buffer),
@@ -20,6 +21,7 @@ add_library(fph_daemon STATIC
   src/vhost_user/session.cpp
   src/vhost_user/backend_channel.cpp
   src/vhost_user/guest_memory.cpp
+  src/vhost_user/memory_guard.cpp
   src/balloon/queue_service.cpp
   src/balloon/stats_service.cpp
   src/balloon/refault_sampler.cpp

@@ -286,3 +286,50 @@ TEST(BadInput, MalformedMessagesAndChainsAreRefusedWhileOtherVmsKeepReclaiming) 
   EXPECT_EQ((*s)["corrupted_bytes"].get<int64_t>(), 0);
   EXPECT_EQ(good.wait(), 0);
 }
+
+// Issue 11: a front end owns its memory fds and can shrink them under fphd's
+// mapping at any time. fphd must not take SIGBUS (it would end reclaim for
+// every VM): that session alone is closed, with a log line naming the region
+// and the `memory_fault` counter, and the other VM keeps reclaiming.
+TEST(BadInput, FrontEndShrinkingItsMemoryUnderARunningRingClosesOnlyItsSession) {
+  TempDir dir;
+  Fphd fphd(dir);
+  EvilFrontEnd good(fphd.socket);
+  good.handshake();
+  EvilFrontEnd bad(fphd.socket);
+  bad.handshake();
+
+  // Both reclaim to begin with.
+  auto reclaims = [](EvilFrontEnd& fe, uint64_t gpa, uint16_t used_before) {
+    std::memset(fe.mem[1] + (gpa - kRegion), 0x5c, 4 * MiB);
+    const int64_t before = fe.allocated();
+    EXPECT_TRUE(fe.ring.add_chain(std::vector<vq::Buffer>{{gpa, 4 * MiB, true}}).has_value());
+    fe.kick_now();
+    EXPECT_TRUE(eventually([&] { return fe.used_idx() == used_before + 1; }));
+    return before - fe.allocated();
+  };
+  EXPECT_GE(reclaims(good, kRegion + 4 * MiB, 0), static_cast<int64_t>(4 * MiB));
+  EXPECT_GE(reclaims(bad, kRegion + 4 * MiB, 0), static_cast<int64_t>(4 * MiB));
+
+  // The bad front end offers a chain, then truncates the region holding the
+  // rings to nothing and kicks: fphd's next ring read is past EOF. (From
+  // here on the test must not touch bad.mem[0] itself: it would SIGBUS.)
+  ASSERT_TRUE(bad.ring.add_chain(std::vector<vq::Buffer>{{kRegion + 8 * MiB, 2 * MiB, true}}).has_value());
+  ASSERT_EQ(ftruncate(bad.ram[0].get(), 0), 0);
+  bad.kick_now();
+  pollfd p{bad.sock.get(), POLLIN, 0};
+  ASSERT_EQ(poll(&p, 1, 60000), 1);
+  char c;
+  EXPECT_EQ(read(bad.sock.get(), &c, 1), 0) << "fphd should close the faulting session";
+
+  // fphd is alive, said what happened, counted it once, and the other VM
+  // still reclaims.
+  ASSERT_TRUE(fphd.proc->running()) << fphd.proc->stderr_text();
+  EXPECT_GE(reclaims(good, kRegion + 12 * MiB, 1), static_cast<int64_t>(4 * MiB));
+  ASSERT_TRUE(fphd.proc->running());
+  const std::string log = fphd.proc->stderr_text();
+  EXPECT_NE(log.find("guest memory region gpa=0x0 size=0x2000000 faulted at"), std::string::npos) << log;
+  EXPECT_NE(log.find("shrank the file"), std::string::npos) << log;
+  const std::string m = fphd.scrape();
+  EXPECT_EQ(metric_sum(m, "fphd_protocol_errors_total", {{"reason", "memory_fault"}}), 1) << m;
+}

@@ -148,6 +148,12 @@ DiscardOutcome SyscallDiscarder::discard(const DiscardTarget& t, Method m) {
   DiscardOutcome o;
   o.method = m;
   int err = 0;
+  // A guest range the SIGBUS guard replaced with anonymous memory (the front
+  // end shrank its file, daemon memory_guard.h) stays safe to discard while
+  // the session closes: punch hole works on the fd (past EOF it frees
+  // nothing and succeeds), and madvise on the private anonymous replacement
+  // either drops throwaway pages or fails (MADV_REMOVE: EINVAL, counted as
+  // failed). Neither touches any other memory.
   switch (m) {
     case Method::PunchHole:
       err = issue(

@@ -38,9 +38,11 @@ Expected<std::shared_ptr<DirtyLog>, std::string> DirtyLog::map(UniqueFd fd,
 }
 
 DirtyLog::DirtyLog(UniqueFd fd, uint8_t* map_base, uint64_t map_len, uint8_t* bitmap, uint64_t size)
-    : fd_(std::move(fd)), map_base_(map_base), map_len_(map_len), bitmap_(bitmap), size_(size) {}
+    : fd_(std::move(fd)), map_base_(map_base), map_len_(map_len), bitmap_(bitmap), size_(size),
+      guard_(map_base, map_len) {}
 
 DirtyLog::~DirtyLog() {
+  guard_.reset();  // before the range can be reused by another mapping
   if (map_base_) ::munmap(map_base_, map_len_);
 }
 

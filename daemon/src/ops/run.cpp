@@ -10,6 +10,7 @@
 
 #include "fph/common/log.h"
 #include "fph/daemon/admin.h"
+#include "fph/daemon/memory_guard.h"
 #include "fph/daemon/metrics.h"
 #include "fph/daemon/sampler.h"
 #include "fph/daemon/server.h"
@@ -86,6 +87,9 @@ int run_daemon(RunOptions opts) {
   sigaddset(&sigs, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
+  // A front end that shrinks its memory file must not SIGBUS the daemon
+  // (memory_guard.h); installed before any session maps guest memory.
+  install_memory_guard();
 
   reclaim::Topology topo;
   if (!cfg.synthetic_topology.empty()) {

@@ -3,6 +3,7 @@
 #include <linux/magic.h>
 #include <numaif.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/statfs.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -13,10 +14,12 @@
 #include <string>
 
 #include "fph/common/checked.h"
+#include "fph/common/log.h"  // fmt
 
 namespace fph::daemon {
 
 MappedRegion::~MappedRegion() {
+  guard.reset();  // out of the SIGBUS guard's table before the range goes away
   if (map_base) ::munmap(map_base, map_len);
 }
 
@@ -52,6 +55,19 @@ Expected<std::shared_ptr<MappedRegion>, std::string> map_region(const proto::vu:
   const auto len = checked_add(r.mmap_offset, r.memory_size);
   if (!len) return unexpected(std::string("mmap_offset + memory_size overflows"));
 
+  // A file shorter than the region would SIGBUS on the first access past its
+  // end (a ring or buffer there): refuse it where it arrives. Only regular
+  // files (memfd, tmpfs, hugetlbfs) have a size that bounds the mapping; a
+  // later shrink is caught by the SIGBUS guard (memory_guard.h).
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return unexpected(std::string("fstat: ") + std::strerror(errno));
+  if (S_ISREG(st.st_mode) && *len > static_cast<uint64_t>(st.st_size)) {
+    return unexpected(fmt::format(
+        "region gpa=0x{:x} size=0x{:x} at mmap_offset 0x{:x} ends past the end of its file "
+        "(0x{:x} bytes): the file must cover mmap_offset + memory_size",
+        r.guest_phys_addr, r.memory_size, r.mmap_offset, st.st_size));
+  }
+
   struct statfs sfs {};
   if (::fstatfs(fd.get(), &sfs) != 0)
     return unexpected(std::string("fstatfs: ") + std::strerror(errno));
@@ -73,6 +89,7 @@ Expected<std::shared_ptr<MappedRegion>, std::string> map_region(const proto::vu:
   if (p == MAP_FAILED) return unexpected(std::string("mmap: ") + std::strerror(errno));
   region->map_base = static_cast<uint8_t*>(p);
   region->map_len = map_len;
+  region->guard = GuardedRange(region->map_base, region->map_len);
   region->fd = std::move(fd);
   if (region->backing == reclaim::Backing::Shmem) {
     const std::string self = "/proc/self/fd/" + std::to_string(region->fd.get());

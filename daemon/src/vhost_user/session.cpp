@@ -222,6 +222,9 @@ bool Session::serve_one() {
   }
   if (fds[1].revents) return false;  // request_stop
   request_stats_if_due();
+  // A fault since the last pass (a completion's used-ring write on a
+  // pipeline thread, the stats timer's just above) closes the session here.
+  if (check_memory_faults()) return false;
   for (size_t i = 2; i < fds.size(); ++i) {
     if (fds[i].revents & POLLIN) {
       uint64_t v;
@@ -248,7 +251,9 @@ bool Session::serve_one() {
       if (!stopping_) log::warn("session", "vm={} socket error, closing: {}", name_, e.message());
       return false;
     }
-    return handle(*msg);
+    // A message handler that touched a shrunk region (starting a ring reads
+    // its used index) does not wait for the next kick to close.
+    return handle(*msg) && !check_memory_faults();
   }
   return true;
 }
@@ -459,12 +464,56 @@ void Session::service_kick(uint32_t idx) {
   }
   const bool ok = role == balloon::QueueRole::Stats ? stats_.service(*this, idx, vrings_[idx], mu_, table, ctx_.stats_interval)
                                                     : service_queue(*this, idx, role, vrings_[idx], mu_, table);
+  // A fault in the ring or a buffer (the front end shrank its file) was
+  // turned into zeros by the SIGBUS guard: what was read there is garbage,
+  // so the session ends here, before anything else is served.
+  if (check_memory_faults()) return;
   if (!ok) {
     // The queue service logged and counted why (chain_avail_index_jump,
     // chain_head_in_flight): the ring cannot be served any more.
     log::error("session", "vm={} vring {} is broken; closing the session", name_, idx);
     request_stop();
   }
+}
+
+bool Session::check_memory_faults() {
+  // The one place a guarded fault becomes a closed session (DESIGN: a SIGBUS
+  // would kill every VM's reclaim, so memory_guard.h turns it into zeros and
+  // this check closes the VM that caused it). Cheap: one atomic load per
+  // region. Regions of the current table and those a started ring still
+  // uses (a replaced table's regions live on until the ring restarts).
+  if (memory_fault_reported_.load(std::memory_order_relaxed)) return true;
+  std::shared_ptr<const MappedRegion> hit;
+  bool log_hit = false;
+  {
+    std::lock_guard lk(mu_);
+    for (const auto& r : table_->regions())
+      if (r->faulted()) hit = r;
+    for (const auto& v : vrings_)
+      for (const auto& r : v.ring_regions)
+        if (!hit && r->faulted()) hit = r;
+    log_hit = log_ && log_->faulted();
+  }
+  if (!hit && !log_hit) return false;
+  if (memory_fault_reported_.exchange(true)) return true;
+  if (!hit) {
+    log::error("session", "vm={} the dirty log faulted (the front end shrank the log file under "
+               "its mapping); closing the session", name_);
+    vm_metrics_->protocol_error("memory_fault");
+    request_stop();
+    return true;
+  }
+  const uintptr_t at = hit->guard.fault_addr();
+  const uint64_t off = at >= reinterpret_cast<uintptr_t>(hit->host_base())
+                           ? at - reinterpret_cast<uintptr_t>(hit->host_base())
+                           : 0;
+  log::error("session",
+             "vm={} guest memory region gpa=0x{:x} size=0x{:x} faulted at +0x{:x} (the front end "
+             "shrank the file under its mapping); closing the session",
+             name_, hit->desc.guest_phys_addr, hit->desc.memory_size, off);
+  vm_metrics_->protocol_error("memory_fault");
+  request_stop();
+  return true;
 }
 
 void Session::taken_locked(uint32_t queue) {
@@ -475,10 +524,16 @@ void Session::taken_locked(uint32_t queue) {
 
 void Session::return_chain(uint32_t queue, uint16_t head,
                            std::span<const std::pair<uint64_t, uint64_t>> discarded) {
-  std::lock_guard lk(mu_);
-  if (!discarded.empty() && logging_locked())
-    for (const auto& [gpa, len] : discarded) log_write_locked(gpa, len);
-  return_chain_locked(queue, head);
+  {
+    std::lock_guard lk(mu_);
+    if (!discarded.empty() && logging_locked())
+      for (const auto& [gpa, len] : discarded) log_write_locked(gpa, len);
+    return_chain_locked(queue, head);
+  }
+  // The used ring write above may have been the access that faulted (it
+  // runs on a node pipeline's thread): close the session now rather than at
+  // its next kick.
+  (void)check_memory_faults();
 }
 
 void Session::return_chain_locked(uint32_t queue, uint16_t head) {

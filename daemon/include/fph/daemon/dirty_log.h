@@ -16,6 +16,7 @@
 #include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
 #include "fph/proto/vhost_user.h"
+#include "fph/daemon/memory_guard.h"
 
 namespace fph::daemon {
 
@@ -44,6 +45,9 @@ class DirtyLog {
   // nothing, if the range is not covered by the log.
   bool mark(uint64_t gpa, uint64_t len);
   uint64_t pages_marked() const { return pages_marked_.load(std::memory_order_relaxed); }
+  // The front end shrank the log file under the mapping after it was
+  // validated: marks since went to throwaway memory (memory_guard.h).
+  bool faulted() const { return guard_.faulted(); }
 
  private:
   DirtyLog(UniqueFd fd, uint8_t* map_base, uint64_t map_len, uint8_t* bitmap, uint64_t size);
@@ -53,6 +57,7 @@ class DirtyLog {
   uint8_t* bitmap_ = nullptr;
   uint64_t size_ = 0;
   std::atomic<uint64_t> pages_marked_{0};
+  GuardedRange guard_;  // the log is a front end's file like guest memory
 };
 
 }  // namespace fph::daemon

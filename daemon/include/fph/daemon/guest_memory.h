@@ -17,6 +17,7 @@
 
 #include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
+#include "fph/daemon/memory_guard.h"
 #include "fph/proto/vhost_user.h"
 #include "fph/proto/virtqueue.h"
 #include "fph/reclaim/discard.h"
@@ -37,6 +38,10 @@ struct MappedRegion {
   reclaim::Backing backing = reclaim::Backing::Shmem;
   uint64_t page_size = 4096;     // backing page size (huge page size on hugetlbfs)
   int node = -1;                 // dense host node if the whole region is bound to one, else -1
+  // [map_base, map_base + map_len) under the SIGBUS guard (memory_guard.h):
+  // if the front end shrinks the file later, this range turns into zeros
+  // instead of killing fphd, and faulted() tells the session to close.
+  GuardedRange guard;
 
   MappedRegion() = default;
   MappedRegion(const MappedRegion&) = delete;
@@ -45,9 +50,12 @@ struct MappedRegion {
 
   uint8_t* host_base() const { return map_base + desc.mmap_offset; }
   uint64_t gpa_end() const { return desc.guest_phys_addr + desc.memory_size; }
+  bool faulted() const { return guard.faulted(); }
 };
 
-// Maps one region. Errors say what failed ("mmap: Invalid argument").
+// Maps one region. Errors say what failed ("mmap: Invalid argument"). A
+// region that ends past the end of its file (a regular file, memfd or
+// hugetlbfs file) is refused here: touching it would SIGBUS.
 Expected<std::shared_ptr<MappedRegion>, std::string> map_region(
     const proto::vu::MemoryRegion& r, UniqueFd fd, const reclaim::Topology& topo);
 

@@ -223,6 +223,10 @@ class Session : public std::enable_shared_from_this<Session> {
   int exported_inflight_locked() const;  // inflight_total_ minus the held stats chain
   void wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk);
   void service_kick(uint32_t idx);
+  // A region of this VM's memory took a SIGBUS (the front end shrank its
+  // file, memory_guard.h): logs and counts it once and closes the session.
+  // Returns true if the session is closing for it. Takes mu_.
+  bool check_memory_faults();
   void set_table(std::shared_ptr<const MemoryTable> t);
   // SET_VRING_NUM/BASE/ADDR on a started ring: see session.cpp.
   bool prepare_reconfigure(const proto::vu::Message& m, uint32_t idx, bool refuse_if_enabled);
@@ -248,6 +252,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> paused_{false};
   std::atomic<bool> yanked_{false};
+  std::atomic<bool> memory_fault_reported_{false};
 
   // Guarded by mu_ (the session thread and pipeline completions).
   mutable std::mutex mu_;
