@@ -2,7 +2,8 @@
 # The main job: installs what is missing, builds fph (Release), starts fphd
 # and a few fph-guest agents that write memory and free it, and prints how
 # much of the freed memory the host got back, measured from the kernel
-# (memfd st_blocks), plus the Prometheus metrics URL.
+# (memfd st_blocks), plus the Prometheus metrics URL and `fphctl sessions`
+# (what each VM got back, as fphd counts it).
 #
 #   scripts/demo.sh                 # 3 guests of 512 MiB, each frees 400 MiB
 #   GUESTS=5 MEMORY=1G FREE=900M scripts/demo.sh
@@ -206,7 +207,7 @@ KEEP=0
 scripts/install-deps.sh
 BUILD=${FPH_RELEASE_BUILD_DIR:-build/release}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFPH_BUILD_TESTS=OFF >/dev/null
-cmake --build "$BUILD" -j "$(nproc)" --target fphd fph-guest
+cmake --build "$BUILD" -j "$(nproc)" --target fphd fphctl fph-guest
 
 RUN=$(mktemp -d /tmp/fph-demo-XXXXXX)
 pids=()
@@ -230,9 +231,10 @@ backing() {
 }
 mib() { echo $(( $1 / 1048576 )); }
 
-start_fphd "$METRICS" || start_fphd 127.0.0.1:0 || { cat "$RUN/fphd.log"; exit 1; }
+start_fphd "$METRICS" --admin-socket "$RUN/admin.sock" ||
+  start_fphd 127.0.0.1:0 --admin-socket "$RUN/admin.sock" || { cat "$RUN/fphd.log"; exit 1; }
 URL=$(sed -n 's/.*"metrics":"\([^"]*\)".*/\1/p' "$RUN/fphd.out")
-echo "fphd running (pid $FPHD_PID), metrics at $URL"
+echo "fphd running (pid $FPHD_PID), metrics at $URL, admin socket $RUN/admin.sock"
 
 for i in $(seq 1 "$GUESTS"); do
   "$BUILD"/guestagent/fph-guest --connect "$RUN/fphd.sock" --name "guest$i" --memory "$MEMORY" \
@@ -276,6 +278,12 @@ echo "host got back $(mib $total_back) MiB of $(mib $total_freed) MiB freed by t
 echo
 echo "metrics: $URL"
 curl -s "$URL" | grep -E '^fphd_(discarded_bytes_total|reclaimed_bytes_total|reported_bytes_total|requests_total\{.*outcome="discarded"|sessions )' || true
+# What each VM got back, as fphd counts it (the same counters as the metrics):
+# reclaimed is kernel-verified, headroom is what a guest calls free and the
+# host still backs (stats queue). Live: fphctl -s "$RUN/admin.sock" top
+echo
+echo "fphctl sessions:"
+"$BUILD"/daemon/fphctl --socket "$RUN/admin.sock" sessions || true
 
 for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 bad=0
@@ -286,6 +294,7 @@ done
 pids=()
 if [ "$KEEP" = 1 ]; then
   echo "fphd keeps running at $URL (Ctrl-C to stop); logs in $RUN"
+  echo "  $BUILD/daemon/fphctl --socket $RUN/admin.sock top    # per VM, refreshed"
   wait "$FPHD_PID"
 fi
 [ $bad = 0 ] || { echo "a guest reported a failure; logs in $RUN"; exit 1; }

@@ -8,10 +8,18 @@
 //   4  the connection failed or the reply was malformed after connecting
 #include <CLI/CLI.hpp>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <iostream>
+#include <map>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 #include "client.h"
@@ -66,18 +74,21 @@ void print_human(const std::string& cmd, const json& ret) {
     for (const auto& s : ret) {
       std::string feats;
       for (const auto& f : s.value("feature-names", json::array())) feats += (feats.empty() ? "" : ",") + f.get<std::string>();
-      // What the guest says is free (stats queue) and the part of it whose
-      // backing the host still holds ("-": no stats from this guest).
+      // What the guest says is free (stats queue); UNREPORTED is the
+      // headroom, the part of it whose backing the host still holds ("-": no
+      // stats from this guest; the column keeps its name for scripts). Reported, reclaimed (kernel-verified) and refaulted bytes are
+      // cumulative, the same counters as fphd's metrics.
       const json gs = s.value("guest-stats", json());
       const json gfree = gs.is_object() ? gs["values"].value("memfree", json()) : json();
-      const json headroom = gs.is_object() ? gs.value("unreported-free", json()) : json();
       rows.push_back({str(s["name"]), str(s["state"]), str(s["regions"]), human_bytes(s["memory"]),
-                      human_bytes(gfree), human_bytes(headroom), str(s["counters"]["inflight"]),
-                      str(s["counters"]["requests"]), str(s["paused"]), feats});
+                      human_bytes(s.value("reported-bytes", json())), human_bytes(s.value("reclaimed-bytes", json())),
+                      human_bytes(s.value("refaulted-bytes", json())), human_bytes(s.value("headroom-bytes", json())),
+                      human_bytes(gfree), str(s["counters"]["inflight"]), str(s["counters"]["requests"]),
+                      str(s["paused"]), feats});
     }
     if (rows.empty()) std::cout << "no sessions\n";
-    else table({"NAME", "STATE", "REGIONS", "MEMORY", "GUEST-FREE", "UNREPORTED", "INFLIGHT", "REQUESTS", "PAUSED",
-                "FEATURES"}, rows);
+    else table({"NAME", "STATE", "REGIONS", "MEMORY", "REPORTED", "RECLAIMED", "REFAULTED", "UNREPORTED", "GUEST-FREE",
+                "INFLIGHT", "REQUESTS", "PAUSED", "FEATURES"}, rows);
   } else if (cmd == "query-nodes") {
     std::vector<std::vector<std::string>> rows;
     for (const auto& n : ret) {
@@ -110,6 +121,117 @@ void print_human(const std::string& cmd, const json& ret) {
   }
 }
 
+volatile std::sig_atomic_t g_interrupted = 0;
+extern "C" void on_sigint(int) { g_interrupted = 1; }
+
+uint64_t counter(const json& s, const char* key) {
+  const json v = s.value(key, json());
+  return v.is_number_unsigned() || v.is_number_integer() ? v.get<uint64_t>() : 0;
+}
+
+// `fphctl top`: query-sessions every `interval` seconds; per VM the
+// cumulative reclaimed and refaulted bytes, the headroom, and the rates over
+// the last interval (difference of the cumulative counters / elapsed time).
+// On a terminal the screen is cleared before each table; otherwise (a pipe,
+// a file, `watch`) the tables follow each other, one per refresh.
+int run_top(fph::ctl::AdminClient& client, double interval, int count, bool as_json) {
+  struct sigaction sa {};
+  sa.sa_handler = on_sigint;
+  ::sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  const bool tty = ::isatty(STDOUT_FILENO) == 1;
+  struct Prev {
+    uint64_t reclaimed, refaulted;
+  };
+  std::map<std::string, Prev> prev;
+  auto prev_at = std::chrono::steady_clock::now();
+  for (int n = 0; !g_interrupted && (count <= 0 || n < count); ++n) {
+    if (n > 0) {
+      // Sleep in short steps so SIGINT ends it at once.
+      const auto until = prev_at + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                       std::chrono::duration<double>(interval));
+      while (!g_interrupted && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
+            until - std::chrono::steady_clock::now(), std::chrono::milliseconds(100)));
+      if (g_interrupted) break;
+    }
+    auto reply = client.execute("query-sessions");
+    if (!reply) {
+      if (g_interrupted) break;
+      std::cerr << "fphctl: " << reply.error() << "\n";
+      return kTransport;
+    }
+    if (reply->contains("error")) {
+      const auto& e = (*reply)["error"];
+      std::cerr << "fphctl: query-sessions: " << e.value("class", "?") << ": " << e.value("desc", "?") << "\n";
+      return kDaemonError;
+    }
+    if (!reply->contains("return") || !(*reply)["return"].is_array()) {
+      std::cerr << "fphctl: malformed reply: " << reply->dump() << "\n";
+      return kTransport;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(now - prev_at).count();
+    std::vector<json> vms((*reply)["return"].begin(), (*reply)["return"].end());
+    std::map<std::string, Prev> cur;
+    for (auto& s : vms) {
+      const std::string name = s.value("name", "");
+      const Prev c{counter(s, "reclaimed-bytes"), counter(s, "refaulted-bytes")};
+      cur[name] = c;
+      auto p = prev.find(name);
+      // No rate on the first refresh, for a new VM, or if its counters went
+      // back (its series were dropped and created again).
+      if (n > 0 && dt > 0 && p != prev.end() && c.reclaimed >= p->second.reclaimed &&
+          c.refaulted >= p->second.refaulted) {
+        s["reclaim-rate"] = static_cast<double>(c.reclaimed - p->second.reclaimed) / dt;
+        s["refault-rate"] = static_cast<double>(c.refaulted - p->second.refaulted) / dt;
+      } else {
+        s["reclaim-rate"] = nullptr;
+        s["refault-rate"] = nullptr;
+      }
+    }
+    prev = std::move(cur);
+    prev_at = now;
+    std::stable_sort(vms.begin(), vms.end(), [](const json& a, const json& b) {
+      return counter(a, "reclaimed-bytes") > counter(b, "reclaimed-bytes");
+    });
+    if (as_json) {
+      json out = json::array();
+      for (const auto& s : vms)
+        out.push_back({{"name", s.value("name", "")}, {"state", s.value("state", json())},
+                       {"memory", s.value("memory", json())}, {"reclaimed-bytes", s.value("reclaimed-bytes", json())},
+                       {"refaulted-bytes", s.value("refaulted-bytes", json())},
+                       {"headroom-bytes", s.value("headroom-bytes", json())},
+                       {"reclaim-rate", s["reclaim-rate"]}, {"refault-rate", s["refault-rate"]}});
+      std::cout << out.dump() << std::endl;
+      continue;
+    }
+    if (tty) std::cout << "\x1b[H\x1b[2J";
+    char head[160];
+    const std::time_t t = std::time(nullptr);
+    std::tm tm{};
+    ::localtime_r(&t, &tm);
+    char clock[16];
+    std::strftime(clock, sizeof clock, "%H:%M:%S", &tm);
+    std::snprintf(head, sizeof head, "fphctl top  %s  %zu VM%s  every %gs%s", clock, vms.size(),
+                  vms.size() == 1 ? "" : "s", interval, tty && count <= 0 ? "  (Ctrl-C quits)" : "");
+    std::cout << head << "\n";
+    std::vector<std::vector<std::string>> rows;
+    auto rate = [](const json& v) { return v.is_number() ? human_bytes(v) + "/s" : std::string("-"); };
+    for (const auto& s : vms)
+      rows.push_back({str(s["name"]), str(s.value("state", json())), human_bytes(s.value("memory", json())),
+                      human_bytes(s.value("reclaimed-bytes", json())), rate(s["reclaim-rate"]),
+                      human_bytes(s.value("refaulted-bytes", json())), rate(s["refault-rate"]),
+                      human_bytes(s.value("headroom-bytes", json()))});
+    if (rows.empty()) std::cout << "no sessions\n";
+    else table({"NAME", "STATE", "MEMORY", "RECLAIMED", "RECLAIM/S", "REFAULTED", "REFAULT/S", "UNREPORTED"}, rows);
+    if (!tty) std::cout << "\n";
+    std::cout << std::flush;
+  }
+  return kOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -134,6 +256,15 @@ int main(int argc, char** argv) {
 
   auto* c_status = app.add_subcommand("status", "Daemon status (query-status)");
   auto* c_sessions = app.add_subcommand("sessions", "Connected VMs (query-sessions)");
+  double top_interval = 2;
+  int top_count = 0;
+  auto* c_top = app.add_subcommand(
+      "top", "Per VM, refreshed: reclaimed, refaulted, headroom and the reclaim rate over the last interval");
+  c_top->add_option("-i,--interval", top_interval, "Seconds between refreshes")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 86400.0));
+  c_top->add_option("-n,--count", top_count, "Exit after this many refreshes (default: until Ctrl-C)")
+      ->check(CLI::PositiveNumber);
   auto* c_nodes = app.add_subcommand("nodes", "Host NUMA nodes: memory, pressure, policy (query-nodes)");
   auto* c_yankable = app.add_subcommand("yankable", "What can be yanked (query-yank)");
   auto* c_pause = app.add_subcommand("pause", "Pause reclaim for a VM");
@@ -226,6 +357,7 @@ int main(int argc, char** argv) {
     std::cerr << "fphctl: " << client.error() << "\n";
     return kNoConnect;
   }
+  if (c_top->parsed()) return run_top(*client, top_interval, top_count, as_json);
   auto reply = client->execute(cmd, args);
   if (!reply) {
     std::cerr << "fphctl: " << reply.error() << "\n";

@@ -172,6 +172,15 @@ Expected<PolicyChange, AdminError> parse_policy_change(const json& args) {
   return c;
 }
 
+json vm_reclaim_json(VmMetrics& m, bool guest_stats) {
+  const auto headroom = guest_stats ? m.unreported_free() : std::nullopt;
+  return {{"reported-bytes", m.reported_total()},
+          {"discarded-bytes", m.discarded_bytes()},
+          {"reclaimed-bytes", m.reclaimed_total()},
+          {"refaulted-bytes", m.refaulted_total()},
+          {"headroom-bytes", headroom ? json(*headroom) : json(nullptr)}};
+}
+
 namespace {
 
 json features_json(uint64_t f) {
@@ -205,24 +214,28 @@ json guest_stats_json(const Session& s, const SessionInfo& i) {
   return out;
 }
 
-json session_json(const Session& s) {
+json session_json(Session& s) {
   const SessionInfo i = s.info();
-  return {{"name", i.name},
-          {"state", std::string(to_string(i.state))},
-          {"features", hex(i.features)},
-          {"feature-names", features_json(i.features)},
-          {"protocol-features", hex(i.protocol_features)},
-          {"status", i.status},
-          {"regions", i.regions},
-          {"memory", i.memory_bytes},
-          {"paused", i.paused},
-          {"yanked", i.yanked},
-          {"poison-val", i.poison_val},
-          {"num-pages", i.num_pages},
-          {"actual", i.actual},
-          {"backend-channel", i.backend_channel},
-          {"guest-stats", guest_stats_json(s, i)},
-          {"counters", {{"inflight", i.inflight}, {"requests", i.requests}}}};
+  json j = {{"name", i.name},
+            {"state", std::string(to_string(i.state))},
+            {"features", hex(i.features)},
+            {"feature-names", features_json(i.features)},
+            {"protocol-features", hex(i.protocol_features)},
+            {"status", i.status},
+            {"regions", i.regions},
+            {"memory", i.memory_bytes},
+            {"paused", i.paused},
+            {"yanked", i.yanked},
+            {"poison-val", i.poison_val},
+            {"num-pages", i.num_pages},
+            {"actual", i.actual},
+            {"backend-channel", i.backend_channel},
+            {"guest-stats", guest_stats_json(s, i)},
+            {"counters", {{"inflight", i.inflight}, {"requests", i.requests}}}};
+  // Headroom only from this session's stats (the series outlive a session).
+  const auto gs = s.stats().latest();
+  j.update(vm_reclaim_json(s.metrics(), gs && gs->stats.get(proto::balloon::StatTag::MemFree)));
+  return j;
 }
 
 std::shared_ptr<Session> need_vm(Server& server, const json& args) {

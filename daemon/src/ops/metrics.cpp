@@ -510,6 +510,20 @@ void VmMetrics::reclaimed(int node, uint64_t bytes) {
   m_.node_reclaimed_by_node_[node]->Increment(static_cast<double>(bytes));
 }
 
+uint64_t VmMetrics::reported_total() const {
+  double sum = 0;
+  for (const auto* c : reported_) sum += c->Value();
+  return static_cast<uint64_t>(sum);
+}
+
+uint64_t VmMetrics::reclaimed_total() const {
+  double sum = 0;
+  for (const auto* c : reclaimed_) sum += c->Value();
+  return static_cast<uint64_t>(sum);
+}
+
+uint64_t VmMetrics::refaulted_total() const { return static_cast<uint64_t>(refaulted_->Value()); }
+
 void VmMetrics::freed_nothing(int node) {
   if (node >= 0 && node < nodes_) freed_nothing_[node]->Increment();
 }
@@ -546,6 +560,12 @@ void VmMetrics::guest_stats(const proto::balloon::Stats& s, uint64_t unknown_tag
   stats_updates_->Increment();
   if (unknown_tags) stats_unknown_->Increment(static_cast<double>(unknown_tags));
   stats_time_->SetToCurrentTime();
+}
+
+std::optional<uint64_t> VmMetrics::unreported_free() {
+  std::lock_guard lk(lazy_mu_);
+  if (!unreported_free_) return std::nullopt;
+  return static_cast<uint64_t>(unreported_free_->Value());
 }
 
 void VmMetrics::set_unreported_free(uint64_t bytes) {

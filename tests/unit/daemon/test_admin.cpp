@@ -1,8 +1,10 @@
 // The admin socket's request parsing and dispatch, as pure functions: a line
-// in, a reply object out.
+// in, a reply object out; and query-sessions' per-VM figures, read back from
+// the VM's metric series.
 #include <gtest/gtest.h>
 
 #include "fph/daemon/admin.h"
+#include "fph/daemon/metrics.h"
 
 using namespace fph::daemon;
 using nlohmann::json;
@@ -91,4 +93,65 @@ TEST(Admin, PolicyChange) {
   EXPECT_NE(bad({{"node", 0}, {"paused", true}}).find("per VM"), std::string::npos);
   EXPECT_NE(bad({{"node", -1}, {"mode", "lazy"}}).find("'node'"), std::string::npos);
   EXPECT_NE(bad({{"node", 0}, {"rate-limit", "fast"}}).find("'rate-limit'"), std::string::npos);
+}
+
+// query-sessions' per-VM figures are read back from the VM's own metric
+// series: the same numbers /metrics shows, under the documented keys.
+namespace {
+
+double series_sum(fph::daemon::Metrics& m, const std::string& family, const std::string& vm) {
+  double sum = 0;
+  for (const auto& f : m.registry()->Collect()) {
+    if (f.name != family) continue;
+    for (const auto& mt : f.metric) {
+      bool match = false;
+      for (const auto& l : mt.label) match |= l.name == "vm" && l.value == vm;
+      if (match) sum += f.type == prometheus::MetricType::Counter ? mt.counter.value : mt.gauge.value;
+    }
+  }
+  return sum;
+}
+
+}  // namespace
+
+TEST(Admin, VmReclaimFiguresComeFromTheMetrics) {
+  constexpr uint64_t MiB = 1 << 20;
+  Metrics m("", 2);
+  auto v = m.acquire_vm("a");
+  auto j = vm_reclaim_json(*v, true);
+  for (const char* k : {"reported-bytes", "discarded-bytes", "reclaimed-bytes", "refaulted-bytes"}) {
+    ASSERT_TRUE(j.contains(k)) << k;
+    EXPECT_EQ(j[k], 0u) << k;
+  }
+  ASSERT_TRUE(j.contains("headroom-bytes"));
+  EXPECT_TRUE(j["headroom-bytes"].is_null());  // no stats yet: null, not 0
+
+  v->reported(0, 12 * MiB);
+  v->reported(1, 4 * MiB);
+  v->discarded(0, fph::reclaim::Method::PunchHole, 8 * MiB);
+  v->discarded(1, fph::reclaim::Method::MadvDontneed, 4 * MiB);
+  v->reclaimed(0, 6 * MiB);  // summed over nodes, like the metric
+  v->reclaimed(1, 4 * MiB);
+  v->refaulted(2 * MiB);
+  v->set_unreported_free(300 * MiB);
+  j = vm_reclaim_json(*v, true);
+  EXPECT_EQ(j["reported-bytes"], 16 * MiB);
+  EXPECT_EQ(j["discarded-bytes"], 12 * MiB);
+  EXPECT_EQ(j["reclaimed-bytes"], 10 * MiB);
+  EXPECT_EQ(j["refaulted-bytes"], 2 * MiB);
+  EXPECT_EQ(j["headroom-bytes"], 300 * MiB);
+  EXPECT_EQ(j["reported-bytes"].get<double>(), series_sum(m, "fphd_reported_bytes_total", "a"));
+  EXPECT_EQ(j["discarded-bytes"].get<double>(), series_sum(m, "fphd_discarded_bytes_total", "a"));
+  EXPECT_EQ(j["reclaimed-bytes"].get<double>(), series_sum(m, "fphd_reclaimed_bytes_total", "a"));
+  EXPECT_EQ(j["refaulted-bytes"].get<double>(), series_sum(m, "fphd_refaulted_bytes_total", "a"));
+  EXPECT_EQ(j["headroom-bytes"].get<double>(), series_sum(m, "fphd_guest_unreported_free_bytes", "a"));
+  // A session without stats (the series outlive sessions): no headroom.
+  EXPECT_TRUE(vm_reclaim_json(*v, false)["headroom-bytes"].is_null());
+  // Another VM's series are not counted.
+  auto w = m.acquire_vm("b");
+  w->reclaimed(0, 1 * MiB);
+  EXPECT_EQ(vm_reclaim_json(*v, true)["reclaimed-bytes"], 10 * MiB);
+  EXPECT_EQ(vm_reclaim_json(*w, true)["reclaimed-bytes"], 1 * MiB);
+  m.release_vm("b");
+  m.release_vm("a");
 }

@@ -103,6 +103,15 @@ std::string_view to_string(reclaim::PrivateMode m);
 // "eager" | "lazy" | "auto"
 std::optional<reclaim::PrivateMode> parse_private_mode(std::string_view s);
 
+class VmMetrics;
+// What a VM got back, for query-sessions: read from the VM's own metric
+// series (never counted twice). Cumulative bytes since the VM's series were
+// created: reported-bytes, discarded-bytes (the syscall accepted),
+// reclaimed-bytes (kernel-verified), refaulted-bytes; headroom-bytes
+// (fphd_guest_unreported_free_bytes) is null unless `guest_stats` (this
+// session has stats from the guest) and the sampler has derived it.
+nlohmann::json vm_reclaim_json(VmMetrics& m, bool guest_stats);
+
 // What the daemon's commands act on.
 struct AdminDeps {
   Server& server;

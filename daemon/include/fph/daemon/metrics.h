@@ -98,6 +98,15 @@ class VmMetrics {
   // reports arrive but every byte is skipped as misaligned).
   uint64_t misaligned_bytes() const { return misaligned_bytes_.load(std::memory_order_relaxed); }
   uint64_t discarded_bytes() const { return discarded_bytes_.load(std::memory_order_relaxed); }
+  // The values of this VM's own series, read back (the admin socket's
+  // query-sessions shows them: one source of truth with /metrics), summed
+  // over nodes: fphd_reported_bytes_total, fphd_reclaimed_bytes_total,
+  // fphd_refaulted_bytes_total; and fphd_guest_unreported_free_bytes, empty
+  // while that series does not exist (no stats from the guest yet).
+  uint64_t reported_total() const;
+  uint64_t reclaimed_total() const;
+  uint64_t refaulted_total() const;
+  std::optional<uint64_t> unreported_free();
 
  private:
   Metrics& m_;
