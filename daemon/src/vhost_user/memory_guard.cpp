@@ -22,11 +22,12 @@ struct Slot {
   std::atomic<uintptr_t> fault_addr{0};
 };
 
-static_assert(std::atomic<uintptr_t>::is_always_lock_free && std::atomic<size_t>::is_always_lock_free &&
+static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<uintptr_t>::is_always_lock_free && std::atomic<size_t>::is_always_lock_free &&
                   std::atomic<bool>::is_always_lock_free,
               "the SIGBUS handler reads these: they must be lock-free");
 
 Slot g_slots[kGuardSlots];
+std::atomic<uint64_t> g_faults{0};
 std::atomic<int> g_high{0};  // slots [0, g_high) have ever been used: the handler scans no further
 struct sigaction g_previous {};
 std::once_flag g_installed;
@@ -51,6 +52,7 @@ void on_sigbus(int sig, siginfo_t* info, void* ctx) {
     if (p == MAP_FAILED) break;  // cannot repair: die as an unguarded fault would
     s.fault_addr.store(addr, std::memory_order_relaxed);
     s.faulted.store(true, std::memory_order_release);
+    g_faults.fetch_add(1, std::memory_order_release);
     return;  // the faulting access is retried on the new pages
   }
   // Not guest memory (or no repair possible): a real bug. Put back what was
@@ -110,4 +112,8 @@ uintptr_t guard_fault_addr(int slot) {
   return g_slots[slot].fault_addr.load(std::memory_order_acquire);
 }
 
+}  // namespace fph::daemon
+
+namespace fph::daemon {
+uint64_t guard_faults() { return g_faults.load(std::memory_order_acquire); }
 }  // namespace fph::daemon

@@ -483,6 +483,7 @@ bool Session::check_memory_faults() {
   // region. Regions of the current table and those a started ring still
   // uses (a replaced table's regions live on until the ring restarts).
   if (memory_fault_reported_.load(std::memory_order_relaxed)) return true;
+  if (guard_faults() == 0) return false;  // no fault anywhere: no lock, no scan
   std::shared_ptr<const MappedRegion> hit;
   bool log_hit = false;
   {

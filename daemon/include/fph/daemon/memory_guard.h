@@ -46,6 +46,10 @@ void guard_unregister(int slot);
 bool guard_faulted(int slot);
 // The faulting address, 0 if none.
 uintptr_t guard_fault_addr(int slot);
+// Guarded faults since start, all ranges: 0 almost always, so a caller can
+// skip looking at its own ranges with one atomic load (the data path checks
+// after every returned chain).
+uint64_t guard_faults();
 
 // One registered range, unregistered on destruction (before the owner
 // unmaps it: call reset() first when the owner's destructor unmaps).
