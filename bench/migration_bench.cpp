@@ -114,6 +114,7 @@
 #include "fph/common/log.h"
 #include "fph/common/unique_fd.h"
 #include "fph/guest/buddy.h"
+#include "fph/guest/dirty_log.h"
 #include "fph/guest/frontend.h"
 #include "fph/guest/workload.h"
 #include "fph/guest/guest_memory.h"
@@ -392,47 +393,19 @@ class Fphd {
 
 // ------------------------------------------------------------------ guest side
 
-// The dirty log a VMM hands the source: a memfd, one bit per 4 KiB page of
-// guest physical address space from 0, mapped here to read the marks.
-class DirtyLog {
- public:
-  explicit DirtyLog(uint64_t guest_bytes) : bytes_((guest_bytes / kPage + 7) / 8) {
-    fd_.reset(::memfd_create("fph-mbench-dirty-log", MFD_CLOEXEC));
-    require(static_cast<bool>(fd_), "memfd_create(dirty log): {}", std::strerror(errno));
-    require(::ftruncate(fd_.get(), static_cast<off_t>(bytes_)) == 0, "ftruncate(dirty log): {}",
-            std::strerror(errno));
-    void* p = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
-    require(p != MAP_FAILED, "mmap(dirty log): {}", std::strerror(errno));
-    bits_ = static_cast<uint8_t*>(p);
-  }
-  ~DirtyLog() { ::munmap(bits_, bytes_); }
-  DirtyLog(const DirtyLog&) = delete;
-  DirtyLog& operator=(const DirtyLog&) = delete;
-
-  int fd() const { return fd_.get(); }
-  uint64_t bytes() const { return bytes_; }
-  bool page(uint64_t gpa) const {
-    const uint64_t pg = gpa / kPage;
-    return std::atomic_ref<uint8_t>(bits_[pg / 8]).load(std::memory_order_acquire) & (1u << (pg % 8));
-  }
-  // Pages of [gpa, gpa + len) whose bit is not set.
-  uint64_t unmarked(uint64_t gpa, uint64_t len) const {
-    uint64_t n = 0;
-    for (uint64_t g = gpa; g < gpa + len; g += kPage) n += !page(g);
-    return n;
-  }
-  uint64_t pages_set() const {
-    uint64_t n = 0;
-    for (uint64_t i = 0; i < bytes_; ++i) n += std::popcount(bits_[i]);
-    return n;
-  }
-  void clear() { std::memset(bits_, 0, bytes_); }
-
- private:
-  UniqueFd fd_;
-  uint64_t bytes_;
-  uint8_t* bits_ = nullptr;
-};
+// The log the VMM hands to fphd (fph-guest's, dirty_log.h), and the checks
+// the bench makes on it.
+using fph::guest::DirtyLogBitmap;
+DirtyLogBitmap make_log(const GuestMemory& mem) {
+  auto l = DirtyLogBitmap::create(mem.gpa_base() + mem.size());
+  if (!l) throw Failure(l.error());
+  return std::move(*l);
+}
+uint64_t unmarked_pages(const DirtyLogBitmap& log, uint64_t gpa, uint64_t len) {
+  uint64_t n = 0;
+  for (uint64_t g = gpa; g < gpa + len; g += kPage) n += !log.test(g);
+  return n;
+}
 
 // The guest: its RAM (one memfd region) and the driver side of the
 // reporting queue. The ring lives in guest memory, so it survives moving
@@ -616,7 +589,7 @@ Device migrate(Guest& g, Device& src, const std::string& dst_socket, const Optio
   const uint64_t drain_bytes = o.requests * request_bytes;
 
   // 1. Precopy with the dirty log.
-  DirtyLog log(g.mem->size());
+  DirtyLogBitmap log = make_log(*g.mem);
   must(src.fe->set_log_base(log.fd(), log.bytes()), "SET_LOG_BASE");
   set_logging(src, g, true);
 
@@ -647,9 +620,9 @@ Device migrate(Guest& g, Device& src, const std::string& dst_socket, const Optio
   const int64_t freed = backing_before - g.backing();
   require(freed >= static_cast<int64_t>(drain_bytes),
           "the drained requests freed {} bytes of the memfd (st_blocks), {} were reported", freed, drain_bytes);
-  const uint64_t unmarked = log.unmarked(g.data_gpa, drain_bytes);
+  const uint64_t unmarked = unmarked_pages(log, g.data_gpa, drain_bytes);
   require(unmarked == 0, "{} discarded pages are not marked in the dirty log", unmarked);
-  require(log.page(g.ring_area.used_gpa), "the used ring's page is not marked in the dirty log");
+  require(log.test(g.ring_area.used_gpa), "the used ring's page is not marked in the dirty log");
 
   // 3. The kernel work that had to finish anyway.
   s.raw_ms = raw_punch_ms(g, g.data_gpa, drain_bytes, o.threads);
@@ -708,7 +681,7 @@ struct ThroughputRun {
 };
 
 // Reclaims the S bytes from data_gpa through `dev`, logging on or off.
-ThroughputRun reclaim_run(Guest& g, Device& dev, DirtyLog& log, const Options& o, bool logging) {
+ThroughputRun reclaim_run(Guest& g, Device& dev, DirtyLogBitmap& log, const Options& o, bool logging) {
   ThroughputRun run;
   run.logging = logging;
   const uint64_t bytes = o.throughput_bytes;
@@ -737,11 +710,11 @@ ThroughputRun reclaim_run(Guest& g, Device& dev, DirtyLog& log, const Options& o
           logging ? "on" : "off", freed, bytes);
   run.window_ms = ms(t1 - t0);
   run.gib_per_s = static_cast<double>(freed) / static_cast<double>(kGiB) / (run.window_ms / 1e3);
-  run.pages_logged = log.pages_set();
+  run.pages_logged = log.count();
   if (logging) {
-    const uint64_t unmarked = log.unmarked(g.data_gpa, bytes);
+    const uint64_t unmarked = unmarked_pages(log, g.data_gpa, bytes);
     require(unmarked == 0, "logging on: {} discarded pages not marked in the dirty log", unmarked);
-    require(log.page(g.ring_area.used_gpa), "logging on: the used ring's page is not marked");
+    require(log.test(g.ring_area.used_gpa), "logging on: the used ring's page is not marked");
   } else {
     require(run.pages_logged == 0, "logging off: {} pages marked in the dirty log", run.pages_logged);
   }
@@ -835,7 +808,7 @@ int run(const Options& o) {
 
       // Throughput with logging off vs on on the device the last migration
       // left running.
-      DirtyLog log(g.mem->size());
+      DirtyLogBitmap log = make_log(*g.mem);
       must(dev.fe->set_log_base(log.fd(), log.bytes()), "SET_LOG_BASE");
       for (int p = 0; p < o.pairs; ++p) {
         ThroughputRun off, on;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "fph/common/log.h"
+#include "fph/guest/dirty_log.h"
 
 namespace fph::guest {
 
@@ -154,62 +155,14 @@ class GuestDirtyTracker {
   UniqueFd pagemap_;
 };
 
-// --- the back end's dirty log (VHOST_USER_PROTOCOL_F_LOG_SHMFD) ----------
-//
-// One bit per 4 KiB page of guest physical address space from GPA 0; the
-// back end sets bits with atomic ORs, we take them with atomic exchanges
-// (QEMU's vhost_sync_dirty_bitmap does the same).
-class DeviceDirtyLog {
- public:
-  static Expected<DeviceDirtyLog, std::string> create(const GuestMemory& mem) {
-    DeviceDirtyLog l;
-    l.gpa_base_ = mem.gpa_base();
-    l.pages_ = mem.size() / kPage;
-    const uint64_t end_pages = (mem.gpa_base() + mem.size()) / kPage;
-    l.bytes_ = (end_pages + 63) / 64 * 8;
-    l.fd_.reset(::memfd_create("fph-dirty-log", MFD_CLOEXEC));
-    if (!l.fd_) return Unexpected<std::string>{errno_text("memfd_create(dirty log)")};
-    if (::ftruncate(l.fd_.get(), static_cast<off_t>(l.bytes_)) != 0)
-      return Unexpected<std::string>{errno_text("ftruncate(dirty log)")};
-    void* p = ::mmap(nullptr, l.bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, l.fd_.get(), 0);
-    if (p == MAP_FAILED) return Unexpected<std::string>{errno_text("mmap(dirty log)")};
-    l.words_ = static_cast<uint64_t*>(p);
-    return l;
-  }
-  DeviceDirtyLog() = default;
-  DeviceDirtyLog(DeviceDirtyLog&& o) noexcept { *this = std::move(o); }
-  DeviceDirtyLog& operator=(DeviceDirtyLog&& o) noexcept {
-    std::swap(fd_, o.fd_);
-    std::swap(words_, o.words_);
-    std::swap(bytes_, o.bytes_);
-    gpa_base_ = o.gpa_base_;
-    pages_ = o.pages_;
-    return *this;
-  }
-  ~DeviceDirtyLog() {
-    if (words_) ::munmap(words_, bytes_);
-  }
-  int fd() const { return fd_.get(); }
-  uint64_t bytes() const { return bytes_; }
-
-  void take(PageSet& out) {
-    const uint64_t first_gfn = gpa_base_ / kPage;
-    for (uint64_t i = 0; i < bytes_ / 8; ++i) {
-      uint64_t w = std::atomic_ref<uint64_t>(words_[i]).exchange(0);
-      for (; w; w &= w - 1) {
-        const uint64_t gfn = i * 64 + static_cast<uint64_t>(std::countr_zero(w));
-        if (gfn >= first_gfn && gfn - first_gfn < pages_) out.set(gfn - first_gfn);
-      }
-    }
-  }
-
- private:
-  UniqueFd fd_;
-  uint64_t* words_ = nullptr;
-  uint64_t bytes_ = 0;
-  uint64_t gpa_base_ = 0;
-  uint64_t pages_ = 0;
-};
+// The back end's dirty log, as pages of guest RAM (dirty_log.h).
+void take_device_log(DirtyLogBitmap& log, const GuestMemory& mem, PageSet& out) {
+  const uint64_t first_gfn = mem.gpa_base() / kPage;
+  const uint64_t pages = mem.size() / kPage;
+  log.take([&](uint64_t gfn) {
+    if (gfn >= first_gfn && gfn - first_gfn < pages) out.set(gfn - first_gfn);
+  });
+}
 
 // --- RAM transfer ---------------------------------------------------------
 //
@@ -383,7 +336,7 @@ MigrationReport migrate(GuestMemory& mem, BalloonDriver& driver, VcpuGate& vcpus
   if (!dneg) return fail("destination setup: " + dneg.error().message);
 
   // 2. Logging on the source; the source's negotiation must match.
-  auto log = DeviceDirtyLog::create(mem);
+  auto log = DirtyLogBitmap::create(mem.gpa_base() + mem.size());
   if (!log) return fail(log.error());
   bool logging = false;
   auto on = driver.run_on_driver([&](BalloonDriver::Device& dev) -> FeResult<void> {
@@ -446,7 +399,7 @@ MigrationReport migrate(GuestMemory& mem, BalloonDriver& driver, VcpuGate& vcpus
       logging_off();
       return fail(r.error());
     }
-    log->take(device);
+    take_device_log(*log, mem, device);
     rep.guest_dirty_pages += guest.count();
     rep.device_dirty_pages += device.count();
     if (!o.ignore_device_log) guest.merge(device);
@@ -482,7 +435,7 @@ MigrationReport migrate(GuestMemory& mem, BalloonDriver& driver, VcpuGate& vcpus
     };
     PageSet last(pages), device(pages);
     if (auto c = tracker->collect(last); !c) return resume_source(c.error());
-    log->take(device);
+    take_device_log(*log, mem, device);
     rep.device_dirty_pages += device.count();
     if (!o.ignore_device_log) last.merge(device);
     rep.final_dirty_pages = last.count();
