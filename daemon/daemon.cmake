@@ -4,7 +4,9 @@
 #                session.cpp (one VM's connection, memory table, rings),
 #                backend_channel.cpp (back end -> front end requests),
 #                guest_memory.cpp (mapped regions, address translation),
-#                memory_guard.cpp (a shrunk guest file never SIGBUSes fphd)
+#                memory_guard.cpp (a shrunk guest file never SIGBUSes fphd),
+#                vring.cpp (the ring rules: where a ring may be, what a
+#                refused configuration takes away)
 #   balloon/     the virtio-balloon device: queue_service.cpp (validate chains,
 #                translate ranges, submit, return chains), stats_service.cpp
 #                (the stats queue: parse and hold the driver's stats buffer),
@@ -22,6 +24,7 @@ add_library(fph_daemon STATIC
   src/vhost_user/backend_channel.cpp
   src/vhost_user/guest_memory.cpp
   src/vhost_user/memory_guard.cpp
+  src/vhost_user/vring.cpp
   src/balloon/queue_service.cpp
   src/balloon/stats_service.cpp
   src/balloon/refault_sampler.cpp

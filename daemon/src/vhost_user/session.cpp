@@ -310,10 +310,37 @@ bool Session::send_reply_payload(const vu::Message& m, std::span<const uint8_t> 
   return true;
 }
 
-void Session::set_table(std::shared_ptr<const MemoryTable> t) {
-  std::lock_guard lk(mu_);
-  table_ = std::move(t);
-  vm_metrics_->set_guest_memory(table_->total_bytes());
+void Session::set_table(std::shared_ptr<const MemoryTable> t, std::string_view why) {
+  // Every started ring is located again in the new table (vring.h), in the
+  // same critical section as the swap: a chain returned meanwhile writes the
+  // used ring either in the old mapping (kept by ring_regions) or the new.
+  std::vector<uint32_t> lost;
+  {
+    std::lock_guard lk(mu_);
+    table_ = std::move(t);
+    vm_metrics_->set_guest_memory(table_->total_bytes());
+    for (uint32_t idx = 0; idx < kMaxQueues; ++idx) {
+      Vring& v = vrings_[idx];
+      if (!v.started) continue;
+      auto parts = locate_ring(v.addr, v.num, *table_);
+      if (parts) {
+        place_ring_locked(idx, *parts);
+        continue;
+      }
+      // Its memory is gone: the front end may reuse those pages, so the used
+      // ring is never written again; chains in flight are dropped.
+      log::error("session", "vm={} vring {} is no longer inside guest memory after {}: {}; ring stopped "
+                 "(set its addresses again)", name_, idx, why, parts.error());
+      vm_metrics_->protocol_error("ring_unmapped");
+      v.abandoned = true;
+      lost.push_back(idx);
+    }
+  }
+  for (uint32_t idx : lost) {
+    stop_ring(idx);
+    std::lock_guard lk(mu_);
+    vrings_[idx].unconfigure(Vring::Field::Addr);
+  }
 }
 
 void Session::wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk) {
@@ -336,19 +363,24 @@ void Session::wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk) {
 // in-flight requests are returned first, so nothing is discarded for the old
 // ring afterwards, and the new ring is checked when it starts. A ring that
 // is started and enabled by a front end that could have stopped it is live:
-// SET_VRING_NUM on it is refused (`ring_busy`); BASE and ADDR keep their
-// earlier meaning (ignored while running / new addresses taken at the next
-// start). Returns false if the message was refused (already answered).
+// SET_VRING_NUM on it is refused (`ring_busy`, which stops it: vring.h);
+// BASE is stored for the next start and new ADDR (QEMU sends the same
+// addresses with the log flag when dirty logging starts) is used at once.
+// Returns false if the message was refused (already answered).
 bool Session::prepare_reconfigure(const vu::Message& m, uint32_t idx, bool refuse_if_enabled) {
+  bool live;
   {
     std::lock_guard lk(mu_);
     const Vring& v = vrings_[idx];
     if (!v.started) return true;
-    if (v.enabled && (features_ & vu::feature::kProtocolFeatures)) {
-      if (!refuse_if_enabled) return true;
-      (void)refuse(m.header, "ring_busy", fmt::format("vring {} is started and enabled", idx));
-      return false;
-    }
+    live = v.enabled && (features_ & vu::feature::kProtocolFeatures);
+  }
+  if (live) {
+    if (!refuse_if_enabled) return true;
+    // Refused, so (vring.h) the ring stops and its size is unconfigured.
+    (void)refuse_ring_config(m.header, idx, Vring::Field::Num, "ring_busy",
+                             fmt::format("vring {} is started and enabled (GET_VRING_BASE stops it)", idx));
+    return false;
   }
   // The driver reset the device without telling us (virtio_uml's reset is
   // local) and may already have freed the ring's memory: from now on fphd
@@ -367,39 +399,69 @@ bool Session::prepare_reconfigure(const vu::Message& m, uint32_t idx, bool refus
 }
 
 void Session::start_ring(uint32_t idx) {
-  std::lock_guard lk(mu_);
-  Vring& v = vrings_[idx];
-  if (!v.kick || !v.addr_set || v.num == 0) return;
-  const auto& a = v.addr;
-  const uint32_t num = v.num;
-  uint8_t* desc = table_->translate_user(a.desc_user_addr, proto::vq::desc_table_bytes(num));
-  uint8_t* avail = table_->translate_user(a.avail_user_addr, proto::vq::avail_ring_bytes(num));
-  uint8_t* used = table_->translate_user(a.used_user_addr, proto::vq::used_ring_bytes(num));
-  if (!desc || !avail || !used) {
-    log::error("session", "vm={} vring {}: ring addresses are not inside guest memory "
-               "(desc=0x{:x} avail=0x{:x} used=0x{:x}); ring not started",
-               name_, idx, a.desc_user_addr, a.avail_user_addr, a.used_user_addr);
-    vm_metrics_->protocol_error("ring_unmapped");
-    return;
+  bool lost = false;
+  {
+    std::lock_guard lk(mu_);
+    Vring& v = vrings_[idx];
+    if (!v.configured()) return;
+    // The addresses were inside the table when they arrived; the table may
+    // have changed since (they are checked again, for the full size).
+    auto parts = locate_ring(v.addr, v.num, *table_);
+    if (!parts) {
+      log::error("session", "vm={} vring {}: {}; ring not started (set its addresses again)", name_, idx,
+                 parts.error());
+      vm_metrics_->protocol_error("ring_unmapped");
+      v.unconfigure(Vring::Field::Addr);
+      lost = v.started;
+      v.abandoned = v.abandoned || lost;
+    } else {
+      place_ring_locked(idx, *parts);
+      v.started = true;
+      v.ever_started = true;
+      v.abandoned = false;
+      log::debug("session", "vm={} vring {} ({}) started: num={} base={}", name_, idx,
+                 balloon::to_string(layout_.role(idx)), v.num, v.base);
+    }
   }
-  // A ring that is already running (a new kick fd or new addresses while
-  // started) continues where it is: restarting from SET_VRING_BASE's value
-  // would take chains that were already returned a second time, and their
-  // ranges may have been reallocated by the guest since.
-  // Its in-flight heads stay in flight: they come back through the new ring,
-  // and offering one of them again is still an error.
+  if (lost) stop_ring(idx);
+}
+
+void Session::place_ring_locked(uint32_t idx, const RingParts& parts) {
+  Vring& v = vrings_[idx];
+  // A ring that is already running (a new kick fd, new addresses or a new
+  // memory table while started) continues where it is: restarting from
+  // SET_VRING_BASE's value would take chains that were already returned a
+  // second time, and their ranges may have been reallocated by the guest
+  // since. Its in-flight heads stay in flight: they come back through the
+  // new ring, and offering one of them again is still an error.
   const uint16_t next_avail = v.started ? v.ring.next_avail() : v.base;
-  proto::vq::DeviceRing ring(static_cast<uint16_t>(num), desc, avail, used, next_avail,
+  proto::vq::DeviceRing ring(static_cast<uint16_t>(v.num), parts.desc, parts.avail, parts.used, next_avail,
                              features_ & balloon::kFIndirectDesc, false);
   if (v.started) ring.inherit_in_flight(v.ring);
   v.ring = std::move(ring);
   v.ring.sync_used_idx();
   v.ring_regions = table_->regions();
-  v.started = true;
-  v.ever_started = true;
-  v.abandoned = false;
-  log::debug("session", "vm={} vring {} ({}) started: num={} base={}", name_, idx,
-             balloon::to_string(layout_.role(idx)), num, v.base);
+}
+
+bool Session::refuse_ring_config(const vu::Header& h, uint32_t idx, Vring::Field f,
+                                 const std::string& reason, const std::string& detail) {
+  // vring.h: a refused SET_VRING_* leaves the ring unusable until it is set
+  // again correctly. A started ring stops first, as GET_VRING_BASE would stop
+  // it (its in-flight requests are returned), so the nack reaches the front
+  // end with the ring already stopped.
+  bool was_started;
+  {
+    std::lock_guard lk(mu_);
+    was_started = vrings_[idx].started;
+  }
+  if (was_started) stop_ring(idx);
+  {
+    std::lock_guard lk(mu_);
+    vrings_[idx].unconfigure(f);
+  }
+  return refuse(h, reason,
+                fmt::format("{}; vring {} {} unconfigured{}", detail, idx, Vring::field_name(f),
+                            was_started ? ", ring stopped" : ""));
 }
 
 void Session::request_stats_if_due() {
@@ -448,6 +510,7 @@ void Session::reset_device() {
     v.enabled = false;
     v.ever_started = false;
     v.base = 0;
+    v.base_set = true;
     v.addr_set = false;
     v.num = 0;
   }
@@ -667,7 +730,7 @@ bool Session::handle(vu::Message& m) {
       auto t = std::make_shared<MemoryTable>(std::move(mapped));
       log::info("session", "vm={} memory table: {} regions, {} MiB", name_, t->regions().size(),
                 t->total_bytes() >> 20);
-      set_table(std::move(t));
+      set_table(std::move(t), "SET_MEM_TABLE");
       break;
     }
 
@@ -697,7 +760,7 @@ bool Session::handle(vu::Message& m) {
       auto t = std::make_shared<MemoryTable>(std::move(regions));
       log::info("session", "vm={} added region gpa=0x{:x} size={} MiB ({} total)", name_,
                 r->guest_phys_addr, r->memory_size >> 20, t->regions().size());
-      set_table(std::move(t));
+      set_table(std::move(t), "ADD_MEM_REG");
       break;
     }
 
@@ -719,18 +782,20 @@ bool Session::handle(vu::Message& m) {
       regions.erase(regions.begin() + i);
       // Work in flight keeps its own reference: the mapping goes away when
       // the last discard on it finishes.
-      set_table(std::make_shared<MemoryTable>(std::move(regions)));
+      set_table(std::make_shared<MemoryTable>(std::move(regions)),
+                fmt::format("REM_MEM_REG of gpa=0x{:x}", r->guest_phys_addr));
       break;
     }
 
     case Request::SetVringNum: {
       auto s = vu::parse_vring_state(payload);
       if (!s) return bad(s.error());
-      if (s->index >= kMaxQueues || !proto::vq::valid_queue_size(s->num)) {
+      if (s->index >= kMaxQueues)
         return refuse(m.header, "bad_payload",
-             fmt::format("vring_state: index {} num {} (need index < {} and a power of two <= 32768)",
-                         s->index, s->num, kMaxQueues));
-      }
+                      fmt::format("vring_state.index {} out of range (< {})", s->index, kMaxQueues));
+      if (!proto::vq::valid_queue_size(s->num))
+        return refuse_ring_config(m.header, s->index, Vring::Field::Num, "bad_payload",
+                                  fmt::format("vring_state.num {}: need a power of two <= 32768", s->num));
       if (!prepare_reconfigure(m, s->index, /*refuse_if_enabled=*/true)) return true;
       std::lock_guard lk(mu_);
       vrings_[s->index].num = s->num;
@@ -740,14 +805,21 @@ bool Session::handle(vu::Message& m) {
     case Request::SetVringAddr: {
       auto a = vu::parse_vring_addr(payload);
       if (!a) return bad(a.error());
-      if (a->index >= kMaxQueues || !is_aligned(a->desc_user_addr, proto::vq::kDescAlign) ||
-          !is_aligned(a->avail_user_addr, proto::vq::kAvailAlign) ||
-          !is_aligned(a->used_user_addr, proto::vq::kUsedAlign)) {
+      if (a->index >= kMaxQueues)
         return refuse(m.header, "bad_payload",
-             fmt::format("vring_addr: index {} or misaligned ring (desc 0x{:x}, avail 0x{:x}, used 0x{:x})",
-                         a->index, a->desc_user_addr, a->avail_user_addr, a->used_user_addr));
-      }
+                      fmt::format("vring_addr.index {} out of range (< {})", a->index, kMaxQueues));
       if (!prepare_reconfigure(m, a->index, /*refuse_if_enabled=*/false)) return true;
+      // Checked where they arrive (vring.h), against the table as it is now.
+      Expected<RingParts, std::string> where = unexpected(std::string());
+      {
+        std::lock_guard lk(mu_);
+        where = locate_ring(*a, vrings_[a->index].num, *table_);
+      }
+      if (!where) {
+        const bool misaligned = where.error().find("misaligned") != std::string::npos;
+        return refuse_ring_config(m.header, a->index, Vring::Field::Addr,
+                                  misaligned ? "bad_payload" : "ring_unmapped", where.error());
+      }
       {
         std::lock_guard lk(mu_);
         vrings_[a->index].addr = *a;
@@ -760,13 +832,16 @@ bool Session::handle(vu::Message& m) {
     case Request::SetVringBase: {
       auto s = vu::parse_vring_state(payload);
       if (!s) return bad(s.error());
-      if (s->index >= kMaxQueues || s->num > 0xffff) {
+      if (s->index >= kMaxQueues)
         return refuse(m.header, "bad_payload",
-                      fmt::format("vring_state: index {} base {}", s->index, s->num));
-      }
+                      fmt::format("vring_state.index {} out of range (< {})", s->index, kMaxQueues));
+      if (s->num > 0xffff)
+        return refuse_ring_config(m.header, s->index, Vring::Field::Base, "bad_payload",
+                                  fmt::format("vring_state.num: base {} does not fit in 16 bits", s->num));
       if (!prepare_reconfigure(m, s->index, /*refuse_if_enabled=*/false)) return true;
       std::lock_guard lk(mu_);
       vrings_[s->index].base = static_cast<uint16_t>(s->num);
+      vrings_[s->index].base_set = true;
       break;
     }
 
@@ -793,9 +868,9 @@ bool Session::handle(vu::Message& m) {
         return refuse(m.header, "bad_payload", fmt::format("vring index {} out of range", p->index));
       }
       if (static_cast<Request>(req) == Request::SetVringKick) {
-        if (p->no_fd) {
-          return refuse(m.header, "unsupported", "polling mode (no kick fd) is not supported");
-        }
+        if (p->no_fd)
+          return refuse_ring_config(m.header, p->index, Vring::Field::Kick, "unsupported",
+                                    "polling mode (no kick fd) is not supported");
         {
           std::lock_guard lk(mu_);
           vrings_[p->index].kick = std::move(m.fds[0]);

@@ -227,7 +227,17 @@ class Session : public std::enable_shared_from_this<Session> {
   // file, memory_guard.h): logs and counts it once and closes the session.
   // Returns true if the session is closing for it. Takes mu_.
   bool check_memory_faults();
-  void set_table(std::shared_ptr<const MemoryTable> t);
+  // Swaps the memory table and locates every started ring in it again
+  // (vring.h); a ring the new table does not hold is stopped. `why` names
+  // the message for the log.
+  void set_table(std::shared_ptr<const MemoryTable> t, std::string_view why);
+  // Points ring `idx` at `parts` (mu_ held), keeping its position and its
+  // in-flight heads if it is running.
+  void place_ring_locked(uint32_t idx, const RingParts& parts);
+  // Refuses a SET_VRING_* for ring `idx` (vring.h): stops the ring if it is
+  // started, unconfigures `f`, then refuse(). Returns refuse()'s answer.
+  bool refuse_ring_config(const proto::vu::Header& h, uint32_t idx, Vring::Field f,
+                          const std::string& reason, const std::string& detail);
   // SET_VRING_NUM/BASE/ADDR on a started ring: see session.cpp.
   bool prepare_reconfigure(const proto::vu::Message& m, uint32_t idx, bool refuse_if_enabled);
   void reset_device();
