@@ -170,9 +170,19 @@ struct NodePipelines::Node {
   std::atomic<bool> stop_flag{false};  // stopping, readable without mu
   std::thread dispatcher;
 
-  // Touched only by the pipeline's serial source stage.
+  // The last pressure reading: the pipeline's source stage and inline
+  // batches (session threads) share it.
+  std::mutex memory_mu;
   NodeMemory memory;
   std::optional<Clock::time_point> memory_at;
+
+  // Measured discard cost per backing (picoseconds per byte, an EWMA of
+  // every discard on this node; 0 = not measured yet): what try_run_inline
+  // estimates a batch's cost from. Races between writers lose a sample, no
+  // more.
+  std::atomic<uint64_t> ps_per_byte[3] = {0, 0, 0};
+  void learn_cost(Backing b, uint64_t bytes, Clock::duration took);
+  std::optional<std::chrono::nanoseconds> estimate(const Batch& b) const;
 
   // Token bucket (DESIGN section 4: a per-node rate limit bounds the CPU the
   // daemon spends). Shared by the node's parallel stage.
@@ -188,7 +198,27 @@ struct NodePipelines::Node {
   void complete(uint64_t seq, Batch& b, BatchResult&& r, bool from_pipeline = false);
 };
 
+void NodePipelines::Node::learn_cost(Backing b, uint64_t bytes, Clock::duration took) {
+  if (bytes == 0) return;
+  const double ps = std::chrono::duration<double, std::pico>(took).count() / static_cast<double>(bytes);
+  const uint64_t sample = std::max<uint64_t>(1, static_cast<uint64_t>(ps));
+  auto& slot = ps_per_byte[static_cast<size_t>(b) % 3];
+  const uint64_t old = slot.load(std::memory_order_relaxed);
+  slot.store(old == 0 ? sample : (old * 7 + sample) / 8, std::memory_order_relaxed);
+}
+
+std::optional<std::chrono::nanoseconds> NodePipelines::Node::estimate(const Batch& b) const {
+  double ps = 0;
+  for (const auto& t : b.ranges) {
+    const uint64_t per = ps_per_byte[static_cast<size_t>(t.backing) % 3].load(std::memory_order_relaxed);
+    if (per == 0) return std::nullopt;
+    ps += static_cast<double>(per) * static_cast<double>(t.length);
+  }
+  return std::chrono::nanoseconds(static_cast<int64_t>(ps / 1000));
+}
+
 NodeMemory NodePipelines::Node::read_memory() {
+  std::lock_guard lk(memory_mu);
   const auto now = Clock::now();
   if (!memory_at || now - *memory_at >= kProbeInterval) {
     try {
@@ -275,7 +305,9 @@ void NodePipelines::Node::process(Work& w) {
         rr.outcome.skipped_bytes = t.length;
         rr.outcome.skip = SkipReason::Failed;
       }
-      r.discard_time += Clock::now() - t0;
+      const auto took = Clock::now() - t0;
+      r.discard_time += took;
+      if (rr.outcome.discarded_bytes != 0) learn_cost(t.backing, rr.outcome.discarded_bytes, took);
       mark_progress(counters);
     }
     r.discarded_bytes += rr.outcome.discarded_bytes;
@@ -457,6 +489,33 @@ void NodePipelines::submit(Batch b) {
   // Submitted after stop(): completed at once, never silently dropped.
   BatchResult r = skipped_result(b, SkipReason::Cancelled);
   call_done(b, std::move(r));
+}
+
+bool NodePipelines::try_run_inline(Batch& b) {
+  if (b.node < 0 || b.node >= node_count()) return false;
+  Node& n = *nodes_[static_cast<size_t>(b.node)];
+  if (n.opts.inline_budget.count() <= 0 || n.stop_flag.load(std::memory_order_acquire)) return false;
+  const auto cost = n.estimate(b);
+  if (!cost || *cost > n.opts.inline_budget) return false;
+  // A rate-limited node may make a range wait: never on a session thread.
+  if (n.policy.get(n.index).rate_limit_bytes_per_sec != 0) return false;
+  uint64_t seq;
+  {
+    std::lock_guard lk(n.mu);
+    if (n.stopping) return false;
+    seq = n.next_seq++;
+    n.in_flight.insert(seq);  // drain() waits for it like any batch
+    if (n.counters.queued.fetch_add(1, std::memory_order_relaxed) == 0) mark_progress(n.counters);
+  }
+  Node::Work w;
+  w.seq = seq;
+  w.batch = std::move(b);
+  b = Batch{};
+  w.memory = n.read_memory();
+  n.process(w);
+  n.counters.inline_batches.fetch_add(1, std::memory_order_relaxed);
+  n.complete(seq, w.batch, std::move(w.result));
+  return true;
 }
 
 void NodePipelines::drain() {

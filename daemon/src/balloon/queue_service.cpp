@@ -331,7 +331,11 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
         }
         if (req->batches_left.fetch_sub(1) == 1) finish(*req);
       };
-      ctx.pipelines.submit(std::move(b));
+      // Cheap work (a hugetlb request: tens of microseconds in the kernel)
+      // is done here, on the thread that took the kick: handing it to the
+      // node's pipeline and back would cost as much as the discard itself.
+      // Expensive work goes to the node's pipeline (node_pipeline.h).
+      if (!ctx.pipelines.try_run_inline(b)) ctx.pipelines.submit(std::move(b));
     }
   }
 }

@@ -298,6 +298,7 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
                                            {"prefer-madvise", pol.prefer_madvise}}},
                                          {"counters",
                                           {{"batches", c.batches.load()},
+                                           {"inline-batches", c.inline_batches.load()},
                                            {"discarded", c.discarded_bytes.load()},
                                            {"skipped", c.skipped_bytes.load()},
                                            {"failures", c.failures.load()},

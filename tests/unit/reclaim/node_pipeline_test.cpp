@@ -563,6 +563,105 @@ TEST_F(Pipelines, GenerousRateLimitStillCompletes) {
   EXPECT_EQ(done_.total(), 40);
 }
 
+// The inline path (try_run_inline): a batch of a backing whose cost the node
+// has not measured yet goes to the pipeline; once measured, a batch within the
+// budget runs on the calling thread and completes before the call returns,
+// counted like any batch (drain() included); beyond the budget, with the
+// budget off, under a rate limit or after stop() it is left to submit().
+// Budgets are 0, 1 ns or an hour, so no test depends on how fast anything runs.
+TEST_F(Pipelines, CheapBatchesRunInlineOnceTheirCostIsKnown) {
+  PipelineOptions opts;
+  opts.inline_budget = std::chrono::hours(1);
+  NodePipelines p(topo_, discarder_, policy_, probe_, opts);
+  auto batch = [&](int id, uint64_t off) {
+    Batch b;
+    b.node = 1;
+    b.ranges = {range(7, off, 4 * kPage, 1)};
+    b.on_done = done_.callback(id);
+    return b;
+  };
+  Batch first = batch(0, 0);
+  EXPECT_FALSE(p.try_run_inline(first)) << "no cost measured yet";
+  ASSERT_TRUE(first.on_done) << "a refused batch is left untouched";
+  p.submit(std::move(first));
+  p.drain();
+  ASSERT_EQ(done_.count(0), 1);
+
+  const auto caller = std::this_thread::get_id();
+  std::thread::id ran_on;
+  Batch second = batch(1, 64 * kPage);
+  auto record = std::move(second.on_done);
+  second.on_done = [&, record](BatchResult&& r) {
+    ran_on = std::this_thread::get_id();
+    record(std::move(r));
+  };
+  ASSERT_TRUE(p.try_run_inline(second));
+  EXPECT_EQ(done_.count(1), 1) << "completed before try_run_inline returned";
+  EXPECT_EQ(ran_on, caller);
+  EXPECT_EQ(done_.result(1).discarded_bytes, 4 * kPage);
+  p.drain();
+  const NodeCounters& c = p.counters(1);
+  EXPECT_EQ(c.batches.load(), 2u);
+  EXPECT_EQ(c.inline_batches.load(), 1u);
+  EXPECT_EQ(c.discarded_bytes.load(), 8 * kPage);
+  EXPECT_EQ(c.queued.load(), 0u);
+  // The other backings' costs are still unknown.
+  Batch huge = batch(2, 128 * kPage);
+  huge.ranges[0].backing = Backing::Hugetlb;
+  EXPECT_FALSE(p.try_run_inline(huge));
+}
+
+TEST_F(Pipelines, BatchesStayOnThePipelineWhenExpensiveRateLimitedDisabledOrStopped) {
+  auto measured = [&](NodePipelines& p) {
+    Batch b;
+    b.node = 0;
+    b.ranges = {range(7, 0, kPage, 0)};
+    b.on_done = done_.callback(100);
+    p.submit(std::move(b));
+    p.drain();
+  };
+  auto big = [&] {
+    Batch b;
+    b.node = 0;
+    b.ranges = {range(7, 0, 1ull << 30, 0)};
+    b.on_done = done_.callback(0);
+    return b;
+  };
+  {
+    PipelineOptions opts;
+    opts.inline_budget = std::chrono::nanoseconds(1);  // 1 GiB at >= 1 ps/byte is 1 ms
+    NodePipelines p(topo_, discarder_, policy_, probe_, opts);
+    measured(p);
+    Batch b = big();
+    EXPECT_FALSE(p.try_run_inline(b));
+  }
+  {
+    PipelineOptions opts;
+    opts.inline_budget = std::chrono::nanoseconds(0);
+    NodePipelines p(topo_, discarder_, policy_, probe_, opts);
+    measured(p);
+    Batch b = big();
+    EXPECT_FALSE(p.try_run_inline(b));
+  }
+  {
+    PipelineOptions opts;
+    opts.inline_budget = std::chrono::hours(1);
+    NodePipelines p(topo_, discarder_, policy_, probe_, opts);
+    measured(p);
+    NodePolicy slow;
+    slow.rate_limit_bytes_per_sec = 1ull << 40;
+    policy_.set(0, slow);
+    Batch b = big();
+    EXPECT_FALSE(p.try_run_inline(b)) << "a rate limit may wait: never on the caller's thread";
+    policy_.set(0, NodePolicy{});
+    EXPECT_TRUE(p.try_run_inline(b));
+    p.stop();
+    Batch c = big();
+    EXPECT_FALSE(p.try_run_inline(c));
+  }
+  EXPECT_EQ(done_.count(0), 1);  // only the one that ran inline
+}
+
 // The real thing: punch holes in memfds through the pipelines and check that
 // the kernel really let go of the blocks.
 TEST(PipelinesReal, PunchHolesThroughPipelinesDropStBlocks) {
@@ -611,6 +710,38 @@ TEST(PipelinesReal, PunchHolesThroughPipelinesDropStBlocks) {
   EXPECT_EQ(p.counters(0).discarded_bytes.load(), 2 * kMiB);
   EXPECT_EQ(p.counters(0).skipped_bytes.load(), kPage);
   EXPECT_EQ(p.counters(1).discarded_bytes.load(), 2 * kMiB);
+}
+
+// The inline path frees real memory too (budget an hour: node 0's shmem cost
+// was measured by the first batch).
+TEST(PipelinesReal, InlineBatchesPunchRealHoles) {
+  auto topo = Topology::from_synthetic("node:1 core:1 pu:1");
+  ASSERT_TRUE(topo.has_value());
+  SyscallDiscarder discarder;
+  PolicyTable policy(1);
+  SysfsNodeMemoryProbe probe;
+  PipelineOptions opts;
+  opts.inline_budget = std::chrono::hours(1);
+  NodePipelines p(*topo, discarder, policy, probe, opts);
+  test::SharedMemfd a(8 * kMiB);
+  const int64_t a0 = allocated_bytes(a.fd());
+  Completions done;
+  Batch first;
+  first.node = 0;
+  first.ranges = {range(a.fd(), 0, kMiB, 0)};
+  first.on_done = done.callback(0);
+  p.submit(std::move(first));
+  p.drain();
+  Batch second;
+  second.node = 0;
+  second.ranges = {range(a.fd(), 4 * kMiB, 2 * kMiB, 0)};
+  second.on_done = done.callback(1);
+  ASSERT_TRUE(p.try_run_inline(second));
+  EXPECT_EQ(done.result(1).discarded_bytes, 2 * kMiB);
+  EXPECT_EQ(allocated_bytes(a.fd()), a0 - static_cast<int64_t>(3 * kMiB));
+  EXPECT_EQ(test::first_nonzero(a.data(), 4 * kMiB, 6 * kMiB), 6 * kMiB);
+  EXPECT_EQ(test::first_pattern_mismatch(a.data(), 6 * kMiB, 8 * kMiB), 8 * kMiB);
+  EXPECT_EQ(p.counters(0).inline_batches.load(), 1u);
 }
 
 }  // namespace

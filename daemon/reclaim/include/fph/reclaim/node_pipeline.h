@@ -67,6 +67,13 @@ struct PipelineOptions {
   // CPU per GiB against the raw loop) at 16 MiB, 0.86/1.09 and 0.93/1.03 at
   // 64 MiB; a raw loop of 64 MiB punches costs ~3% more per byte than 4 MiB.
   uint64_t max_coalesced_bytes = 16ull << 20;
+  // try_run_inline: a batch whose discards are expected to take less than
+  // this runs on the submitting thread. 0 = never inline. A request that
+  // costs the kernel tens of microseconds (a 64 MiB hugetlb punch: ~30 us)
+  // costs as much again in a handoff to a pipeline thread and back (two
+  // wakeups); 200 us keeps the session thread's stall bounded well below one
+  // 4 KiB-shmem request of a few MiB, which stays on the pipeline.
+  std::chrono::nanoseconds inline_budget{std::chrono::microseconds(200)};
 };
 
 struct NodeCounters {
@@ -79,6 +86,7 @@ struct NodeCounters {
   // (steady_clock, ns since its epoch): a batch submitted to an idle node, a
   // batch taken, a range started or finished, a rate-limit wait slice.
   std::atomic<int64_t> progress_ns{0};
+  std::atomic<uint64_t> inline_batches{0};  // of `batches`: run on the submitting thread
 };
 
 class NodePipelines {
@@ -95,6 +103,16 @@ class NodePipelines {
   // BatchResult::ranges come sorted by position and coalesced, not in
   // submission order. on_done may call submit(), never drain() or stop().)
   void submit(Batch b);
+  // The cheap path of submit(): runs the batch on the calling thread and
+  // calls on_done before returning, if its expected cost (bytes times the
+  // node's measured discard cost for the backing) is within
+  // PipelineOptions::inline_budget, the node has no rate limit and is not
+  // stopping. Same policy, coalescing, accounting and completion as the
+  // pipeline; drain() waits for it too. Returns false, leaving `b`
+  // untouched, when the batch must go through submit(): unknown cost (no
+  // discard of that backing measured on the node yet), too expensive, rate
+  // limited. Never waits for other batches.
+  bool try_run_inline(Batch& b);
   // Waits until every batch submitted so far has completed.
   void drain();
   // Completes queued batches as cancelled, waits for running ones, joins.
