@@ -8,7 +8,9 @@ add_executable(fph-bench
   ${CMAKE_CURRENT_LIST_DIR}/hugepages.cpp
   ${CMAKE_CURRENT_LIST_DIR}/scenarios.cpp
   ${CMAKE_CURRENT_LIST_DIR}/raw_limit.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/report.cpp)
+  ${CMAKE_CURRENT_LIST_DIR}/report.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/wakeup_floor.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/scale.cpp)
 target_link_libraries(fph-bench PRIVATE fph::probe benchmark::benchmark nlohmann_json::nlohmann_json Threads::Threads)
 target_compile_definitions(fph-bench PRIVATE
   FPH_FPHD_PATH="$<TARGET_FILE:fphd>" FPH_GUEST_PATH="$<TARGET_FILE:fph-guest>")
@@ -20,6 +22,10 @@ if(FPH_BUILD_TESTS)
   add_test(NAME bench_smoke
            COMMAND fph-bench --quick --guests=1,4 --backing=shmem --repetitions=1)
   set_tests_properties(bench_smoke PROPERTIES LABELS bench RUN_SERIAL TRUE TIMEOUT 300)
+  # The scale mode, tiny: one fphd, 1 then 4 small guests, a 1 s idle window.
+  add_test(NAME bench_scale_smoke
+           COMMAND fph-bench --scale=1,4 --scale-idle-s=1)
+  set_tests_properties(bench_scale_smoke PROPERTIES LABELS bench RUN_SERIAL TRUE TIMEOUT 120)
 endif()
 
 # fph-migration-bench: fphd's share of live-migration downtime (GET_VRING_BASE

@@ -56,7 +56,19 @@
 // files and taken from one atomic counter by T threads (T = fphd's discard
 // threads: --threads-per-node x NUMA nodes). Wall time from release to the
 // last thread; CPU = sum of the threads' CLOCK_THREAD_CPUTIME_ID.
-// Repetitions run as pairs (e2e, then raw, then the next pair), so a drifting
+// Wakeup floor ("floor/<backing>/guests:N", wakeup_floor.*; --no-floor skips
+// it): N forked guest processes with memfds of the same backing and sizes,
+// populated the same way, post the same requests (32 descriptors of the raw
+// loop's block size, one request in flight per guest) through a shared slot
+// and a kick eventfd to one responder process (fph-bench exec'd in a hidden
+// mode) that has one thread per guest: it wakes on the kick, punches the
+// ranges (fallocate, one call per descriptor) and writes the call eventfd.
+// Wall time from the release of the guests to the last call read;
+// reclaimed from st_blocks; CPU of the responder (compared with fphd's) and
+// of the guests, from schedstat like fphd's; latency kick -> call per request.
+// Ratios e2e/floor: throughput (target >= 0.9 for hugetlb, 4 and 16 guests)
+// and back-end CPU per GiB (target <= 1.1).
+// Repetitions run as triples (e2e, raw, floor, then the next), so a drifting
 // machine moves both sides of a ratio. Ratios: throughput e2e/raw (target
 // >= 0.9) and CPU per GiB e2e/raw (target <= 1.1), the median over the pairs,
 // judged for 4 or more guests.
@@ -67,13 +79,13 @@
 // a clear message if it cannot reserve them.
 //
 // Exit status: 1 if any end-to-end run failed or reclaimed less than 90% of
-// what the guests freed (the ctest smoke test relies on this; it never
+// what the guests freed, or a raw or floor run failed (the ctest smoke test relies on this; it never
 // asserts anything about time).
 //
 // Usage: fph-bench [--total=4G] [--quick] [--guests=1,4,16]
 //          [--backing=shmem,hugetlb] [--threads=N] [--repetitions=3]
 //          [--raw-block=SIZE] [--hold-ms=MS] [--fphd=PATH] [--guest=PATH]
-//          [--keep-logs] [Google Benchmark flags, e.g. --benchmark_format=json]
+//          [--keep-logs] [--no-floor] [Google Benchmark flags, e.g. --benchmark_format=json]
 // Environment: FPH_BENCH_FPHD, FPH_BENCH_GUEST override the binaries;
 // FPH_BENCH_ARGS is prepended to the command line.
 //
@@ -88,6 +100,9 @@
 //   hugepages.*     reserving and restoring huge pages for hugetlb
 //   scenarios.*     the scenarios and one end-to-end run (steps 1-4 above)
 //   raw_limit.*     the raw limit: the fallocate loop in this process
+//   wakeup_floor.*  the wakeup floor: guests and a minimal kick/call responder
+//   scale.*         --scale: one fphd and 1..1024 small guests (RSS, threads,
+//                   fds, idle CPU, throughput, p99), docs/bench-scale.md
 //   report.*        the results by scenario and the summary table
 //   percentile.h    percentile and median
 //   common.h        units, the clock, formatting helpers
@@ -109,7 +124,9 @@
 #include "processes.h"
 #include "raw_limit.h"
 #include "report.h"
+#include "scale.h"
 #include "scenarios.h"
+#include "wakeup_floor.h"
 
 namespace fph::bench {
 namespace {
@@ -231,11 +248,54 @@ void bm_raw(benchmark::State& state, Scenario sc) {
   }
 }
 
+void bm_floor(benchmark::State& state, Scenario sc) {
+  if (!prepare_backing(sc, state)) return;
+  const uint64_t block = raw_block_for(sc.key());
+  for (auto _ : state) {
+    FloorResult r = run_floor(sc, block);
+    if (!r.ok) {
+      g_failed = true;
+      std::fprintf(stderr, "fph-bench: floor %s FAILED: %s\n", sc.key().c_str(), r.error.c_str());
+      state.SkipWithError(r.error.c_str());
+      break;
+    }
+    state.SetIterationTime(std::max(r.wall_s, 1e-9));
+    state.SetBytesProcessed(r.reclaimed);
+    state.counters["reclaimed_GiB"] = static_cast<double>(r.reclaimed) / kGiBd;
+    state.counters["responder_cpu_s"] = r.responder_cpu_s;
+    state.counters["guests_cpu_s"] = r.guests_cpu_s;
+    state.counters["cpu_s_per_GiB"] = r.cpu_per_gib();
+    state.counters["total_cpu_s_per_GiB"] = r.total_cpu_per_gib();
+    state.counters["p50_us"] = percentile(r.latencies_us, 50);
+    state.counters["p99_us"] = percentile(r.latencies_us, 99);
+    state.counters["requests"] = static_cast<double>(r.requests);
+    state.counters["block_KiB"] = static_cast<double>(block) / kKiB;
+    // This triple's ratios: the end-to-end run and the raw loop just before.
+    const auto& es = g_e2e[sc.key()];
+    const auto& rs = g_raw[sc.key()];
+    if (es.size() == g_floor[sc.key()].size() + 1) {
+      const auto& e = es.back();
+      state.counters["e2e_floor_tput_ratio"] = e.tput() / r.tput();
+      state.counters["e2e_floor_cpu_ratio"] = e.cpu_per_gib() / r.cpu_per_gib();
+      state.counters["e2e_floor_total_cpu_ratio"] =
+          (e.fphd_cpu_s + e.guests_cpu_s) / (static_cast<double>(e.reclaimed) / kGiBd) / r.total_cpu_per_gib();
+      if (rs.size() == es.size()) {
+        state.counters["e2e_raw_tput_ratio"] = e.tput() / rs.back().tput();
+        state.counters["e2e_raw_cpu_ratio"] = e.cpu_per_gib() / rs.back().cpu_per_gib();
+        state.counters["floor_raw_tput_ratio"] = r.tput() / rs.back().tput();
+      }
+    }
+    g_floor[sc.key()].push_back(std::move(r));
+  }
+}
+
 }  // namespace
 }  // namespace fph::bench
 
 int main(int argc, char** argv) {
   using namespace fph::bench;
+  // The hidden mode: the wakeup floor's responder (wakeup_floor.cpp).
+  if (argc >= 2 && std::string(argv[1]) == "--floor-responder") return floor_responder_main(argc, argv);
   std::vector<std::string> storage;
   auto bargv = parse_args(argc, argv, storage);
   int bargc = static_cast<int>(bargv.size()) - 1;
@@ -248,6 +308,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  raise_nofile_limit();  // the guests and fphd inherit it (scale.h)
+  if (!g_opt.scale.empty()) return run_scale_mode();
   benchmark::Initialize(&bargc, bargv.data());
   if (benchmark::ReportUnrecognizedArguments(bargc, bargv.data())) return 2;
   std::fprintf(stderr, "fph-bench: fphd %s, guest %s, total %s, %d thread(s)/node, %d repetition(s)\n",
@@ -268,6 +330,11 @@ int main(int argc, char** argv) {
             ->Iterations(1)
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond);
+        if (g_opt.floor)
+          benchmark::RegisterBenchmark(("floor/" + sc.key()).c_str(), bm_floor, sc)
+              ->Iterations(1)
+              ->UseManualTime()
+              ->Unit(benchmark::kMillisecond);
       }
     }
   }

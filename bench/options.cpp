@@ -89,6 +89,17 @@ std::vector<char*> parse_args(int argc, char** argv, std::vector<std::string>& s
       if (key == "--help" || key == "-h") usage("help");
       else if (key == "--quick") g_opt.quick = true;
       else if (key == "--keep-logs") g_opt.keep_logs = true;
+      else if (key == "--no-floor") g_opt.floor = false;
+      else if (key == "--scale") {
+        g_opt.scale.clear();
+        for (auto& x : split(value(), ',')) g_opt.scale.push_back(std::stoi(x));
+        for (int v : g_opt.scale)
+          if (v < 1 || v > 4096) usage("--scale: counts must be 1..4096");
+      } else if (key == "--scale-memory") g_opt.scale_memory = parse_size(value());
+      else if (key == "--scale-idle-s") g_opt.scale_idle_s = std::stoi(value());
+      else if (key == "--scale-stats-interval") g_opt.scale_stats_interval = std::stoi(value());
+      else if (key == "--scale-epoch-poll-ms") g_opt.scale_epoch_poll_ms = std::stoi(value());
+      else if (key == "--scale-json") g_opt.scale_json = value();
       else if (key == "--total") g_opt.total = parse_size(value()), total_set = true;
       else if (key == "--threads") g_opt.threads = std::stoi(value());
       else if (key == "--repetitions") g_opt.repetitions = std::stoi(value());

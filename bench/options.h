@@ -30,6 +30,13 @@ struct Options {
   std::string fphd = FPH_FPHD_PATH;
   std::string guest = FPH_GUEST_PATH;
   bool keep_logs = false;
+  bool floor = true;             // the wakeup floor next to the raw loop (--no-floor)
+  std::vector<int> scale;        // --scale=1,64,256,1024: the scale mode instead of the benchmark
+  uint64_t scale_memory = 8 * kMiB;  // per guest in the scale mode
+  int scale_epoch_poll_ms = 0;  // fph-guest --epoch-poll-ms in the scale mode (0: at connect only)
+  int scale_stats_interval = -1;  // fphd --stats-interval in the scale mode (-1: fphd's default)
+  int scale_idle_s = 10;         // idle CPU window of the scale mode
+  std::string scale_json;        // --scale-json=PATH: also write the scale results there
   bool table_to_stderr = false;
   std::chrono::seconds patience{300};
 };

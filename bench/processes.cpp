@@ -29,7 +29,7 @@ namespace {
 
 // Children that must die with us (signal handler): a plain array, usable
 // from a signal handler.
-constexpr int kMaxChildren = 512;
+constexpr int kMaxChildren = 4096;  // --scale up to 4096 guests
 std::atomic<pid_t> g_children[kMaxChildren];
 
 }  // namespace

@@ -14,8 +14,66 @@ namespace fph::bench {
 
 std::map<std::string, std::vector<E2EResult>> g_e2e;
 std::map<std::string, std::vector<RawResult>> g_raw;
+std::map<std::string, std::vector<FloorResult>> g_floor;
 std::map<std::string, std::string> g_skipped;
 bool g_failed = false;
+
+namespace {
+
+// End-to-end against the wakeup floor (and the floor against the raw loop):
+// medians, ratios as the median of the per-triple ratios.
+void print_floor_table(FILE* out) {
+  std::fprintf(out,
+               "\nagainst the wakeup floor (a minimal kick/call responder doing the same discards, "
+               "one thread per guest); flr msGiB = the responder's CPU ms per GiB; e2e/flr cpu = back end only (fphd vs "
+               "responder), total = back end + guests; flr/raw = floor throughput / raw loop's\n");
+  std::fprintf(out, "%-8s %6s | %9s %9s %9s | %9s %9s | %9s %9s | %8s %8s | %6s %6s | %s\n", "backing", "guests",
+               "e2e GiB/s", "flr GiB/s", "raw GiB/s", "e2e/flr", "e2e/raw", "flr msGiB", "e2e/flr", "flr p50",
+               "flr p99", "total", "flr/raw", "target (>=0.9 tput, <=1.1 cpu vs floor)");
+  for (const auto& b : g_opt.backings) {
+    for (int g : g_opt.guests) {
+      const Scenario sc = make_scenario(b, g);
+      const std::string key = sc.key();
+      const auto& es = g_e2e[key];
+      const auto& rs = g_raw[key];
+      const auto& fs = g_floor[key];
+      if (g_skipped.count(key) || es.empty() || fs.empty()) {
+        std::fprintf(out, "%-8s %6d | no floor result\n", b.c_str(), g);
+        continue;
+      }
+      std::vector<double> ft, fc, lat, te, tr, cf, tot, fr, et, rt;
+      for (const auto& e : es) et.push_back(e.tput());
+      for (const auto& x : rs) rt.push_back(x.tput());
+      for (const auto& f : fs) {
+        ft.push_back(f.tput());
+        fc.push_back(f.cpu_per_gib());
+        lat.insert(lat.end(), f.latencies_us.begin(), f.latencies_us.end());
+      }
+      for (size_t i = 0; i < std::min(es.size(), fs.size()); ++i) {
+        const auto& e = es[i];
+        te.push_back(e.tput() / fs[i].tput());
+        cf.push_back(e.cpu_per_gib() / fs[i].cpu_per_gib());
+        tot.push_back((e.fphd_cpu_s + e.guests_cpu_s) / (static_cast<double>(e.reclaimed) / kGiBd) /
+                      fs[i].total_cpu_per_gib());
+        if (i < rs.size()) {
+          tr.push_back(e.tput() / rs[i].tput());
+          fr.push_back(fs[i].tput() / rs[i].tput());
+        }
+      }
+      const double t_ratio = median(te), c_ratio = median(cf);
+      std::string verdict = std::string(t_ratio >= 0.9 ? "tput MET" : "tput MISSED") + ", " +
+                            (c_ratio <= 1.1 ? "cpu MET" : "cpu MISSED");
+      if (g < 4) verdict = "(not judged, < 4 guests) " + verdict;
+      std::fprintf(out,
+                   "%-8s %6d | %9.2f %9.2f %9.2f | %9.2f %9.2f | %9.2f %9.2f | %8.0f %8.0f | %6.2f %6.2f | %s\n",
+                   b.c_str(), g, median(et) / kGiBd, median(ft) / kGiBd, median(rt) / kGiBd, t_ratio, median(tr),
+                   median(fc) * 1e3, c_ratio, percentile(lat, 50), percentile(lat, 99), median(tot), median(fr),
+                   verdict.c_str());
+    }
+  }
+}
+
+}  // namespace
 
 void print_table(FILE* out) {
   std::fprintf(out,
@@ -80,6 +138,7 @@ void print_table(FILE* out) {
                    iss_n > 0 ? human_bytes(iss_b / iss_n).c_str() : "-", verdict.c_str());
     }
   }
+  if (g_opt.floor) print_floor_table(out);
   std::fprintf(out,
                "reported = mean descriptor the guests posted (raw loop block: %s); issued = mean "
                "fallocate fphd made (it coalesces adjacent ranges)\n",

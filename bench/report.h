@@ -12,12 +12,14 @@
 
 #include "raw_limit.h"
 #include "scenarios.h"
+#include "wakeup_floor.h"
 
 namespace fph::bench {
 
 // By Scenario::key(), in the order the repetitions ran.
 extern std::map<std::string, std::vector<E2EResult>> g_e2e;
 extern std::map<std::string, std::vector<RawResult>> g_raw;
+extern std::map<std::string, std::vector<FloorResult>> g_floor;
 extern std::map<std::string, std::string> g_skipped;  // why the scenario was skipped
 extern bool g_failed;                                 // a run failed: exit status 1
 
