@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <fstream>
 
 #include "fph/common/unique_fd.h"
 #include "fph/proto/balloon.h"
@@ -332,4 +333,43 @@ TEST(BadInput, FrontEndShrinkingItsMemoryUnderARunningRingClosesOnlyItsSession) 
   EXPECT_NE(log.find("shrank the file"), std::string::npos) << log;
   const std::string m = fphd.scrape();
   EXPECT_EQ(metric_sum(m, "fphd_protocol_errors_total", {{"reason", "memory_fault"}}), 1) << m;
+}
+
+namespace {
+
+size_t mappings_of(pid_t pid) {
+  std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
+  size_t n = 0;
+  for (std::string line; std::getline(maps, line);) ++n;
+  return n;
+}
+
+// One short session: a GET_FEATURES round trip, then the front end hangs up.
+void one_session(const std::string& path) {
+  UniqueFd fd = connect_unix(path);
+  vu::Header h{static_cast<uint32_t>(vu::Request::GetFeatures), vu::kVersion, 0};
+  ASSERT_TRUE(vu::send_message(fd.get(), h, {}, {}).has_value());
+  auto r = vu::recv_message(fd.get());
+  ASSERT_TRUE(r.has_value());
+}
+
+}  // namespace
+
+// Found by the adversarial soak (docs/soak.md): every ended session kept its
+// thread unjoined (its stack and two mappings) until fphd stopped, so a
+// front end that reconnects all day grew fphd without bound and, at the
+// kernel's 65530 mappings, made thread creation fail and fphd abort. Ended
+// session threads are now joined as they end: 400 sessions later fphd has
+// the mappings it had after the first few.
+TEST(BadInput, EndedSessionsLeaveNoThreadBehind) {
+  TempDir dir;
+  Fphd fphd(dir);
+  for (int i = 0; i < 20; ++i) ASSERT_NO_FATAL_FAILURE(one_session(fphd.socket));
+  ASSERT_TRUE(eventually([&] { return metric_sum(fphd.scrape(), "fphd_sessions") == 0; }, 30s));
+  const size_t baseline = mappings_of(fphd.proc->pid());
+  for (int i = 0; i < 400; ++i) ASSERT_NO_FATAL_FAILURE(one_session(fphd.socket));
+  EXPECT_TRUE(eventually([&] { return mappings_of(fphd.proc->pid()) <= baseline + 16; }, 30s))
+      << "fphd has " << mappings_of(fphd.proc->pid()) << " mappings, " << baseline
+      << " after the first 20 sessions: ended session threads are not joined";
+  EXPECT_TRUE(fphd.proc->running());
 }

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <system_error>
 #include <fstream>
 #include <sstream>
 
@@ -79,7 +80,8 @@ std::string name_from_peer(int sock, uint64_t conn_no) {
 }
 
 Server::Server(DaemonContext& ctx, ServerConfig cfg)
-    : ctx_(ctx), cfg_(std::move(cfg)), stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+    : ctx_(ctx), cfg_(std::move(cfg)), stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      reap_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
 
 Server::~Server() { stop(); }
 
@@ -147,7 +149,9 @@ void Server::run_session(UniqueFd sock, std::string base_name) {
 void Server::accept_loop() {
   std::vector<pollfd> fds;
   for (const auto& l : listeners_) fds.push_back({l.fd.get(), POLLIN, 0});
+  fds.push_back({reap_fd_.get(), POLLIN, 0});
   fds.push_back({stop_fd_.get(), POLLIN, 0});
+  const size_t n_listeners = listeners_.size();
   while (!stopping_) {
     if (::poll(fds.data(), fds.size(), -1) < 0) {
       if (errno == EINTR) continue;
@@ -155,7 +159,12 @@ void Server::accept_loop() {
       return;
     }
     if (fds.back().revents) return;
-    for (size_t i = 0; i + 1 < fds.size(); ++i) {
+    if (fds[n_listeners].revents) {
+      uint64_t v;
+      (void)!::read(reap_fd_.get(), &v, sizeof v);
+      reap_finished_sessions();
+    }
+    for (size_t i = 0; i < n_listeners; ++i) {
       if (!(fds[i].revents & POLLIN)) continue;
       UniqueFd c(::accept4(fds[i].fd, nullptr, nullptr, SOCK_CLOEXEC));
       if (!c) {
@@ -165,12 +174,41 @@ void Server::accept_loop() {
       const uint64_t n = ++conn_no_;
       std::string name = listeners_[i].fixed_name.empty() ? name_from_peer(c.get(), n)
                                                           : listeners_[i].fixed_name;
+      reap_finished_sessions();
       std::lock_guard lk(mu_);
       if (stopping_) return;
-      session_threads_.emplace_back(
-          [this, c = std::move(c), name]() mutable { run_session(std::move(c), name); });
+      try {
+        session_threads_.emplace(n, std::thread([this, n, c = std::move(c), name]() mutable {
+          run_session(std::move(c), name);
+          std::lock_guard lk(mu_);
+          finished_sessions_.push_back(n);
+          uint64_t one = 1;
+          (void)!::write(reap_fd_.get(), &one, sizeof one);  // the accept thread joins it
+        }));
+      } catch (const std::system_error& e) {
+        // Out of threads or memory: this connection is refused (its fd is
+        // closed with the lambda), every running VM keeps being served.
+        log::error("server", "connection {} on {}: cannot start its session thread: {}; connection "
+                   "closed", n, listeners_[i].path, e.what());
+      }
     }
   }
+}
+
+void Server::reap_finished_sessions() {
+  std::vector<std::thread> done;
+  {
+    std::lock_guard lk(mu_);
+    for (uint64_t n : finished_sessions_) {
+      auto it = session_threads_.find(n);
+      if (it == session_threads_.end()) continue;
+      done.push_back(std::move(it->second));
+      session_threads_.erase(it);
+    }
+    finished_sessions_.clear();
+  }
+  // Each has returned from run_session and is only unwinding: quick joins.
+  for (auto& t : done) t.join();
 }
 
 void Server::start_attach(std::shared_ptr<AttachTarget> a) {
@@ -290,7 +328,9 @@ void Server::stop() {
   {
     std::lock_guard lk(mu_);
     for (auto& [n, s] : sessions_) s->request_stop();
-    threads = std::move(session_threads_);
+    for (auto& [n, t] : session_threads_) threads.push_back(std::move(t));
+    session_threads_.clear();
+    finished_sessions_.clear();
   }
   for (auto& t : threads)
     if (t.joinable()) t.join();
