@@ -181,3 +181,68 @@ ds_seeds = {
 }
 for name, data in ds_seeds.items():
     write("fuzz_device_state", name, data)
+
+
+# ---- fuzz_session: programs for a real Session (tests/fuzz/fuzz_session.cpp) ----
+# One opcode byte per step (op % 24), operands read on demand. The opcodes
+# used here:
+#   0 HANDSHAKE a      bit0 ADD_MEM_REG (else SET_MEM_TABLE), bit1 INDIRECT_DESC,
+#                      bit2 STATS_VQ, bits3-4 num {32,8,256,1}, bit5 ring in mem1,
+#                      bit6 NEED_REPLY on every message
+#   5 REM_MEM_REG fl spec      spec % 3 = memfd, (spec/3) % 6 = variant (0 as the guest sees it)
+#   6 SET_VRING_NUM fl q v     q >= 5: the reporting ring; v < 0x80: 1 << (v % 11), else (v & 0x7f) * 3
+#   12 GET_VRING_BASE fl q   q % 7: 0-4 that ring, 5 out of range (closes), 6 the reporting ring
+#   17 OFFER qb n-1 chains...  qb bit7: do not kick; chain kinds: 0-3 valid (nb-1, then
+#                              (mem, page, pages-1) per buffer), 4 loop, 5 next out of range,
+#                              6 indirect, 7 special (sub: 0 a head again, 1 PFN array, 2 outside,
+#                              3 misaligned, 4 huge length, 5 readable, 6 head out of range)
+#   18 KICK q   19 TRUNCATE mem frac(/4)   20 WAIT ms   21 RESET fl which
+HS, REM, NUM, GVB, OFFER, KICK, TRUNC, WAIT, RESET = 0, 5, 6, 12, 17, 18, 19, 20, 21
+REP = 5  # "the reporting ring, whatever its index"
+
+
+def valid_chain(*bufs):
+    out = bytes([0, len(bufs) - 1])
+    for mem, page, pages in bufs:
+        out += bytes([mem, page, pages - 1])
+    return out
+
+
+def offer(*chains, kick=True):
+    return bytes([OFFER, REP | (0 if kick else 0x80), len(chains) - 1]) + b"".join(chains)
+
+
+session = {
+    # A full honest handshake, two reporting rounds, then the ring is stopped.
+    "honest": bytes([HS, 0x00]) + offer(valid_chain((0, 0, 8), (1, 3, 2))) + bytes([WAIT, 1])
+              + offer(valid_chain((0, 40, 8)), valid_chain((1, 100, 4), (1, 120, 4), (0, 200, 1)))
+              + bytes([GVB, 1, 6]),
+    "honest_add_mem_reg_acked": bytes([HS, 0x41]) + offer(valid_chain((0, 10, 4)))
+                                + offer(valid_chain((1, 0, 8)), valid_chain((0, 90, 8))),
+    "honest_indirect_stats_mem1": bytes([HS, 0x26])
+                                  + offer(bytes([6, 2, 0, 5, 1, 1, 9, 2, 0, 0, 3, 0])) + bytes([WAIT, 2]),
+    # The ring's region is removed, then the driver reports and kicks.
+    "rem_ring_region_kick": bytes([HS, 0x00]) + offer(valid_chain((0, 0, 8)), kick=False)
+                            + bytes([REM, 1, 0]) + bytes([KICK, REP]) + offer(valid_chain((1, 5, 5))),
+    # SET_VRING_NUM refused (not a power of two, then ring_busy), then a kick.
+    "bad_vring_num_kick": bytes([HS, 0x40]) + bytes([NUM, 1, REP, 0x85]) + offer(valid_chain((0, 1, 1)))
+                          + bytes([NUM, 1, REP, 3]) + offer(valid_chain((1, 7, 3)), valid_chain((0, 9, 2))),
+    # The front end shrinks guest RAM under a running ring.
+    "truncate_running": bytes([HS, 0x00]) + offer(valid_chain((0, 0, 8)), kick=False)
+                        + bytes([TRUNC, 0, 1, KICK, REP]) + offer(valid_chain((0, 2, 2))),
+    "truncate_ring_mem1": bytes([HS, 0x20]) + offer(valid_chain((1, 0, 4)))
+                          + bytes([TRUNC, 1, 0]) + offer(valid_chain((1, 1, 1))),
+    # A head offered again while in flight (not kicked in between).
+    "duplicate_head": bytes([HS, 0x00]) + offer(valid_chain((0, 0, 4)), kick=False)
+                      + offer(bytes([7, 0, 0])),
+    # Broken chains: loop, next out of range, outside memory, huge length, head out of range.
+    "broken_chains": bytes([HS, 0x02])
+                     + offer(bytes([4, 0, 1, 1, 1, 2, 1]), bytes([5, 0, 3, 1, 9]),
+                             bytes([7, 2, 0, 0, 0, 0xff, 0xff, 0, 0]), bytes([7, 4, 0, 5, 1]))
+                     + offer(bytes([7, 6, 3]), bytes([7, 1, 0, 0, 0, 4, 0, 12]), valid_chain((0, 30, 2))),
+    # Device reset with requests in flight, then set up again.
+    "reset_and_again": bytes([HS, 0x00]) + offer(valid_chain((0, 0, 8)), kick=False)
+                       + bytes([RESET, 1, 2]) + bytes([HS, 0x08]) + offer(valid_chain((1, 0, 2))),
+}
+for name, data in session.items():
+    write("fuzz_session", name, data)
