@@ -28,6 +28,7 @@ add_library(fph_daemon STATIC
   src/balloon/queue_service.cpp
   src/balloon/stats_service.cpp
   src/balloon/refault_sampler.cpp
+  src/balloon/balloon_targets.cpp
   src/balloon/sampler.cpp
   src/migration/dirty_log.cpp
   src/migration/state_transfer.cpp

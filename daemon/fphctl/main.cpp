@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "client.h"
+#include "fph/common/size.h"
 
 using nlohmann::json;
 
@@ -68,6 +69,15 @@ void table(const std::vector<std::string>& head, const std::vector<std::vector<s
   for (const auto& r : rows) line(r);
 }
 
+// The balloon as ACTUAL/TARGET ("-" when no target was ever set and the
+// driver holds nothing).
+std::string balloon(const json& b) {
+  if (!b.is_object()) return "-";
+  const uint64_t target = b.value("target", 0ull), actual = b.value("actual", 0ull);
+  if (target == 0 && actual == 0) return "-";
+  return human_bytes(json(actual)) + "/" + human_bytes(json(target));
+}
+
 void print_human(const std::string& cmd, const json& ret) {
   if (cmd == "query-sessions") {
     std::vector<std::vector<std::string>> rows;
@@ -84,11 +94,11 @@ void print_human(const std::string& cmd, const json& ret) {
                       human_bytes(s.value("reported-bytes", json())), human_bytes(s.value("reclaimed-bytes", json())),
                       human_bytes(s.value("refaulted-bytes", json())), human_bytes(s.value("headroom-bytes", json())),
                       human_bytes(gfree), str(s["counters"]["inflight"]), str(s["counters"]["requests"]),
-                      str(s["paused"]), feats});
+                      str(s["paused"]), balloon(s.value("balloon", json())), feats});
     }
     if (rows.empty()) std::cout << "no sessions\n";
     else table({"NAME", "STATE", "REGIONS", "MEMORY", "REPORTED", "RECLAIMED", "REFAULTED", "UNREPORTED", "GUEST-FREE",
-                "INFLIGHT", "REQUESTS", "PAUSED", "FEATURES"}, rows);
+                "INFLIGHT", "REQUESTS", "PAUSED", "BALLOON", "FEATURES"}, rows);
   } else if (cmd == "query-nodes") {
     std::vector<std::vector<std::string>> rows;
     for (const auto& n : ret) {
@@ -283,6 +293,13 @@ int main(int argc, char** argv) {
                                      "Set a VM's balloon target (config num_pages, 4 KiB pages); the driver is notified");
   c_pages->add_option("vm", vm, "VM name")->required();
   c_pages->add_option("pages", pages, "Target in 4 KiB pages (0: deflate fully)")->required();
+  std::string balloon_size;
+  auto* c_balloon = app.add_subcommand(
+      "set-balloon", "Set a VM's balloon target: the guest gives that much memory back to the host (inflates) "
+                     "or takes it back (deflates); e.g. set-balloon web1 2G, set-balloon web1 0");
+  c_balloon->add_option("vm", vm, "VM name")->required();
+  c_balloon->add_option("size", balloon_size, "Target: bytes or with K, M, G, T (binary), e.g. 512M; 0 deflates")
+      ->required();
   auto* c_migration = app.add_subcommand("migration", "Live migration per VM: dirty log, state transfers, epoch (query-migration)");
   std::string while_logging;
   auto* c_migpol = app.add_subcommand("set-migration-policy",
@@ -318,6 +335,14 @@ int main(int argc, char** argv) {
   else if (c_pause->parsed()) cmd = "pause-reclaim", args = {{"vm", vm}};
   else if (c_resume->parsed()) cmd = "resume-reclaim", args = {{"vm", vm}};
   else if (c_pages->parsed()) cmd = "set-num-pages", args = {{"vm", vm}, {"pages", pages}};
+  else if (c_balloon->parsed()) {
+    auto bytes = fph::parse_size(balloon_size);
+    if (!bytes) {
+      std::cerr << "fphctl: set-balloon: " << bytes.error() << "\n";
+      return kUsage;
+    }
+    cmd = "set-balloon", args = {{"vm", vm}, {"target", *bytes}};
+  }
   else if (c_migration->parsed()) cmd = "query-migration";
   else if (c_rereport->parsed()) cmd = "re-report", args = {{"vm", vm}};
   else if (c_migpol->parsed())

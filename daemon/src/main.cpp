@@ -69,6 +69,9 @@ int main(int argc, char** argv) {
   auto* o_metrics = app.add_option("--metrics", metrics_bind,
                                    "Prometheus endpoint ADDRESS:PORT (port 0: any; 'off': none) [127.0.0.1:9477]");
   auto* o_threads = app.add_option("--threads-per-node", threads_per_node, "Discard threads per NUMA node (0: its cores)");
+  std::string state_dir;
+  auto* o_state = app.add_option("--state-dir", state_dir,
+                                 "Keep balloon targets here across fphd restarts (config daemon.state_dir)");
   auto* o_stats = app.add_option("--stats-interval", stats_interval,
                                  "Ask guests for memory stats (STATS_VQ) every N seconds; 0: do not offer STATS_VQ [5]")
                       ->check(CLI::Range(0, 86400))
@@ -112,6 +115,7 @@ int main(int argc, char** argv) {
   if (o_threads->count()) cfg.threads_per_node = threads_per_node;
   if (o_stats->count()) cfg.stats_interval_seconds = stats_interval;
   if (o_synth->count()) cfg.synthetic_topology = synthetic;
+  if (o_state->count()) cfg.state_dir = state_dir;
   if (o_log->count()) cfg.log_level = log_level;
   if (!bad.empty()) {
     std::cerr << "fphd: " << bad << "\n";

@@ -2,6 +2,9 @@
 // and real sockets: every command, every error class, fphctl's exit codes,
 // and yank of a session whose worker is stuck in a blocking send.
 #include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -74,6 +77,13 @@ json find_session(const json& sessions, const std::string& name) {
   for (const auto& s : sessions)
     if (s["name"] == name) return s;
   return {};
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 int run_fphctl(const std::vector<std::string>& args, const std::string& dir, json* out = nullptr) {
@@ -489,4 +499,49 @@ TEST(Admin, FphctlShowsWhatEachVmGotBack) {
   auto sum = g.wait_event("summary");
   ASSERT_TRUE(sum);
   EXPECT_EQ((*sum)["corrupted_bytes"].get<int64_t>(), 0);
+}
+
+// The balloon target in bytes through fphctl: refused with the VM named when
+// larger than the guest, written to the config space as num_pages, shown by
+// `fphctl sessions`, and remembered by VM name: the guest's reconnect after
+// an fphd restart (same --state-dir) finds the same target in place.
+TEST(Admin, BalloonTargetInBytesSurvivesAnFphdRestart) {
+  TempDir state_dir;
+  const std::string state = state_dir.path + "/fphd";  // created by fphd
+  Daemon d({"--state-dir", state});
+  auto g = guest(d, "bt1", {"--reconnect"});
+  ASSERT_TRUE(g->wait_event("ready")) << g->stderr_text();
+
+  json out;
+  EXPECT_EQ(run_fphctl({"-s", d.admin, "set-balloon", "bt1", "1T"}, d.dir.path), 1);
+  EXPECT_NE(read_file(d.dir.path + "/fphctl.stderr").find("more than VM 'bt1' has"), std::string::npos)
+      << read_file(d.dir.path + "/fphctl.stderr");
+  EXPECT_EQ(run_fphctl({"-s", d.admin, "set-balloon", "bt1", "12X"}, d.dir.path), 2);
+  ASSERT_EQ(run_fphctl({"-s", d.admin, "--json", "set-balloon", "bt1", "64M"}, d.dir.path, &out), 0);
+  EXPECT_EQ(out["target"], 64 * MiB);
+  EXPECT_EQ(out["num-pages"], 64 * MiB / 4096);
+  EXPECT_EQ(out["remembered"], true) << out.dump();
+  auto c = d.client();
+  EXPECT_EQ(find_session(ret(c, "query-sessions"), "bt1")["balloon"]["target"], 64 * MiB);
+  ASSERT_EQ(run_fphctl({"-s", d.admin, "sessions"}, d.dir.path), 0);
+
+  // Restart fphd: the guest reconnects under its name and its target is back.
+  d.fphd->proc->signal(SIGTERM);
+  ASSERT_EQ(d.fphd->proc->wait(), 0);
+  d.fphd = std::make_unique<Fphd>(d.dir, std::vector<std::string>{"--admin-socket", d.admin, "--state-dir", state});
+  ASSERT_TRUE(g->wait_event("reconnected")) << g->stderr_text();
+  auto c2 = d.client();
+  json s;
+  EXPECT_TRUE(eventually([&] {
+    s = find_session(ret(c2, "query-sessions"), "bt1");
+    return !s.is_null();
+  }));
+  EXPECT_EQ(s["num-pages"], 64 * MiB / 4096) << s.dump();
+  EXPECT_NE(d.fphd->proc->stderr_text().find("balloon target restored"), std::string::npos);
+
+  // 0 forgets it: the next fphd starts without a target for bt1.
+  ASSERT_EQ(run_fphctl({"-s", d.admin, "--json", "set-balloon", "bt1", "0"}, d.dir.path, &out), 0);
+  EXPECT_EQ(read_file(state + "/balloon-targets"), "");
+  g->signal(SIGTERM);
+  EXPECT_EQ(g->wait(), 0) << g->stderr_text();
 }

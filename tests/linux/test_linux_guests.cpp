@@ -220,7 +220,7 @@ TEST_F(LinuxGuests, ThreeGuestsGiveBackWhatTheyFree) {
   EXPECT_TRUE(fphd.proc->running()) << fphd.proc->stderr_text();
 }
 
-// The back-end channel with a real driver: `set-num-pages` writes the
+// The back-end channel with a real driver: `set-balloon` (bytes) writes the
 // balloon target and sends CONFIG_CHANGE_MSG; Linux's virtio_balloon
 // inflates (its pages come to fphd on the inflate queue and are discarded)
 // and writes `actual`; a target of 0 deflates again. A target larger than
@@ -244,14 +244,14 @@ TEST_F(LinuxGuests, BalloonTargetThroughTheBackendChannel) {
   EXPECT_TRUE(session()["backend-channel"].get<bool>());
   const uint64_t memory = session()["memory"].get<uint64_t>();
 
-  auto too_big = client->execute("set-num-pages", {{"vm", g.vm_name()}, {"pages", memory / 4096 + 1}});
+  auto too_big = client->execute("set-balloon", {{"vm", g.vm_name()}, {"target", memory + 4096}});
   ASSERT_TRUE(too_big);
   ASSERT_TRUE(too_big->contains("error")) << too_big->dump();
   EXPECT_NE((*too_big)["error"]["desc"].get<std::string>().find("more than VM"), std::string::npos);
 
   const double discarded_before = metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", g.vm_name()}});
   constexpr uint64_t kTarget = 64ull * 1024 * 1024 / 4096;  // 64 MiB
-  auto set = client->execute("set-num-pages", {{"vm", g.vm_name()}, {"pages", kTarget}});
+  auto set = client->execute("set-balloon", {{"vm", g.vm_name()}, {"target", kTarget * 4096}});
   ASSERT_TRUE(set);
   ASSERT_TRUE(set->contains("return")) << set->dump();
   EXPECT_TRUE((*set)["return"]["notified"].get<bool>()) << set->dump();
@@ -261,10 +261,19 @@ TEST_F(LinuxGuests, BalloonTargetThroughTheBackendChannel) {
   // backed depends on whether the guest had reported them already).
   EXPECT_GE(metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", g.vm_name()}}) - discarded_before,
             static_cast<double>(kTarget * 4096));
+  // Counted apart from free page reporting, and the driver's own word on it.
+  EXPECT_GE(metric_sum(fphd.scrape(), "fphd_balloon_bytes_total", {{"vm", g.vm_name()}, {"direction", "inflate"}}),
+            static_cast<double>(kTarget * 4096));
+  EXPECT_TRUE(eventually([&] {
+    return metric_sum(fphd.scrape(), "fphd_balloon_actual_bytes", {{"vm", g.vm_name()}}) ==
+           static_cast<double>(kTarget * 4096);
+  }, 10s));
 
-  auto zero = client->execute("set-num-pages", {{"vm", g.vm_name()}, {"pages", 0}});
+  auto zero = client->execute("set-balloon", {{"vm", g.vm_name()}, {"target", 0}});
   ASSERT_TRUE(zero && zero->contains("return"));
   EXPECT_TRUE(eventually([&] { return session()["actual"] == 0; }, kReclaim)) << g.console_tail();
+  EXPECT_GE(metric_sum(fphd.scrape(), "fphd_balloon_bytes_total", {{"vm", g.vm_name()}, {"direction", "deflate"}}),
+            static_cast<double>(kTarget * 4096));
   EXPECT_EQ(metric_sum(fphd.scrape(), "fphd_protocol_errors_total"), 0) << fphd.proc->stderr_text();
   g.send_line();  // the workload frees, then verifies and reallocates
   ASSERT_NO_FATAL_FAILURE(finish_and_verify("freed"));

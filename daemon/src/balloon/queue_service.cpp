@@ -141,8 +141,12 @@ RequestPlan plan_request(const vq::Chain& chain, QueueRole role, const MemoryTab
                   session_skip, topo);
         j = k;
       }
+    } else if (role == QueueRole::Deflate && !b.device_writable && b.len % 4 == 0) {
+      // The pages come back to the guest: nothing for the host to do but
+      // count them (docs/metrics.md "Balloon").
+      plan.deflated_bytes += uint64_t{b.len / 4} << 12;
     }
-    // Deflate, stats and free-page-hint buffers need no host action: the
+    // Stats and free-page-hint buffers need no host action either: the
     // chain is simply returned.
   }
   for (auto& v : plan.per_node) {
@@ -269,8 +273,17 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       log::error("queue", "vm={} vring {}: {}", s.name(), queue, plan.errors[i]);
       vm.protocol_error(plan.error_reasons[i]);
     }
-    for (size_t n = 0; n < plan.reported_per_node.size(); ++n)
-      if (plan.reported_per_node[n]) vm.reported(static_cast<int>(n), plan.reported_per_node[n]);
+    if (role == QueueRole::Inflate) {
+      // Inflated pages are discarded like reported ones but counted apart:
+      // the host asked for them (balloon target), the guest did not offer them.
+      uint64_t inflated = 0;
+      for (uint64_t bytes : plan.reported_per_node) inflated += bytes;
+      if (inflated) vm.balloon_pages("inflate", inflated);
+    } else {
+      for (size_t n = 0; n < plan.reported_per_node.size(); ++n)
+        if (plan.reported_per_node[n]) vm.reported(static_cast<int>(n), plan.reported_per_node[n]);
+    }
+    if (plan.deflated_bytes) vm.balloon_pages("deflate", plan.deflated_bytes);
     uint64_t pre_skipped = 0;
     for (const auto& sk : plan.skipped) {
       vm.skipped(sk.reason, sk.bytes);

@@ -51,6 +51,7 @@ void sample_session(Session& s) {
   const auto st = reclaim_status(info, vm.misaligned_bytes(), vm.discarded_bytes());
   vm.set_reclaim_state(st.state, st.reason);
   vm.set_features(info.features);
+  vm.set_balloon(uint64_t{info.num_pages} << balloon::kPfnShift, uint64_t{info.actual} << balloon::kPfnShift);
   const uint64_t resident = table_resident_bytes(*s.table());
   vm.set_resident(resident);
   vm.refaulted(s.refaults().sample());

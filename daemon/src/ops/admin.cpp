@@ -229,6 +229,8 @@ json session_json(Session& s) {
             {"poison-val", i.poison_val},
             {"num-pages", i.num_pages},
             {"actual", i.actual},
+            {"balloon", {{"target", uint64_t{i.num_pages} << proto::balloon::kPfnShift},
+                         {"actual", uint64_t{i.actual} << proto::balloon::kPfnShift}}},
             {"backend-channel", i.backend_channel},
             {"guest-stats", guest_stats_json(s, i)},
             {"counters", {{"inflight", i.inflight}, {"requests", i.requests}}}};
@@ -366,22 +368,50 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
   d.add("pause-reclaim", {{{"vm", ArgType::String, true}}, pause(true), "stop discarding for a VM"});
   d.add("resume-reclaim", {{{"vm", ArgType::String, true}}, pause(false), "discard again for a VM"});
 
+  // One path for both spellings of the balloon target: checked against the
+  // VM's memory, written to its config space, the driver notified, and
+  // remembered for its reconnects and fphd restarts (balloon_targets.h).
+  auto set_target = [D](const json& args, uint64_t pages, const std::string& arg,
+                        const std::string& asked) -> AdminResult {
+    auto s = need_vm(D->server, args);
+    if (!s) return unexpected(no_vm(args["vm"].get<std::string>()));
+    const SessionInfo i = s->info();
+    const uint64_t guest_pages = i.memory_bytes >> proto::balloon::kPfnShift;
+    if (pages > guest_pages || pages > UINT32_MAX)
+      return unexpected(invalid_parameter(fmt::format(
+          "argument '{}': {} ({} MiB) is more than VM '{}' has ({} MiB of guest memory)", arg, asked,
+          (pages << proto::balloon::kPfnShift) >> 20, i.name, i.memory_bytes >> 20)));
+    auto r = s->set_num_pages(static_cast<uint32_t>(pages));
+    json out = {{"vm", i.name},
+                {"target", pages << proto::balloon::kPfnShift},
+                {"num-pages", pages},
+                {"notified", r.has_value()}};
+    if (!r) out["reason"] = r.error();
+    if (D->balloon_targets) {
+      auto saved = D->balloon_targets->set(i.name, static_cast<uint32_t>(pages));
+      out["remembered"] = saved.has_value();
+      if (!saved) {
+        log::warn("admin", "balloon target of vm={} not saved: {}", i.name, saved.error());
+        out["remembered-error"] = saved.error();
+      }
+    }
+    return out;
+  };
+  d.add("set-balloon",
+        {{{"vm", ArgType::String, true}, {"target", ArgType::UnsignedInteger, true}},
+         [set_target](const json& args) -> AdminResult {
+           const uint64_t bytes = args["target"].get<uint64_t>();
+           // Whole 4 KiB pages (the unit of num_pages), rounded down.
+           return set_target(args, bytes >> proto::balloon::kPfnShift, "target",
+                             fmt::format("{} bytes", bytes));
+         },
+         "balloon target in bytes (rounded down to 4 KiB pages): the guest gives that much memory "
+         "to the host (inflates) or takes it back (deflates); 0 deflates fully"});
   d.add("set-num-pages",
         {{{"vm", ArgType::String, true}, {"pages", ArgType::UnsignedInteger, true}},
-         [D](const json& args) -> AdminResult {
-           auto s = need_vm(D->server, args);
-           if (!s) return unexpected(no_vm(args["vm"].get<std::string>()));
+         [set_target](const json& args) -> AdminResult {
            const uint64_t pages = args["pages"].get<uint64_t>();
-           const SessionInfo i = s->info();
-           const uint64_t guest_pages = i.memory_bytes >> proto::balloon::kPfnShift;
-           if (pages > guest_pages || pages > UINT32_MAX)
-             return unexpected(invalid_parameter(
-                 fmt::format("argument 'pages': {} pages ({} MiB) is more than VM '{}' has ({} pages)",
-                             pages, (pages << proto::balloon::kPfnShift) >> 20, i.name, guest_pages)));
-           auto r = s->set_num_pages(static_cast<uint32_t>(pages));
-           json out = {{"num-pages", pages}, {"notified", r.has_value()}};
-           if (!r) out["reason"] = r.error();
-           return out;
+           return set_target(args, pages, "pages", fmt::format("{} pages", pages));
          },
          "balloon target in 4 KiB pages (config num_pages); the driver is told over the back-end channel"});
 

@@ -102,7 +102,7 @@ class Parser {
       if (!t) fail(*d, "daemon", "must be a table");
       only_keys(*t, "daemon.", {"listen", "admin_socket", "socket_mode", "metrics", "log_level",
                                 "threads_per_node", "stall_limit_seconds", "stats_interval_seconds",
-                                "discard_while_logging", "synthetic_topology"});
+                                "discard_while_logging", "synthetic_topology", "state_dir"});
       if (const auto* n = t->get("listen")) {
         const auto* arr = n->as_array();
         if (!arr) fail(*n, "daemon.listen", "must be an array of socket paths");
@@ -130,6 +130,11 @@ class Parser {
       if (const auto* n = t->get("discard_while_logging"))
         c.discard_while_logging = boolean(*n, "daemon.discard_while_logging");
       if (const auto* n = t->get("synthetic_topology")) c.synthetic_topology = str(*n, "daemon.synthetic_topology");
+      if (const auto* n = t->get("state_dir")) {
+        c.state_dir = str(*n, "daemon.state_dir");
+        if (!c.state_dir.empty() && c.state_dir[0] != '/')
+          fail(*n, "daemon.state_dir", "'" + c.state_dir + "' is not an absolute path");
+      }
     }
     if (const auto* n = root.get("vm")) c.vms = named_paths(*n, "vm");
     if (const auto* n = root.get("attach")) c.attach = named_paths(*n, "attach");

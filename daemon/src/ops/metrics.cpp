@@ -83,6 +83,20 @@ Metrics::Metrics(const std::string& bind, int nodes)
                             .Help("Requests fphd sent to a front end on its back-end channel (config_change), by VM, "
                                   "request and outcome (sent, failed).")
                             .Register(*registry_)),
+      balloon_target_(BuildGauge()
+                          .Name("fphd_balloon_target_bytes")
+                          .Help("Balloon target the host set for the VM (config num_pages x 4 KiB).")
+                          .Register(*registry_)),
+      balloon_actual_(BuildGauge()
+                          .Name("fphd_balloon_actual_bytes")
+                          .Help("What the VM's balloon driver says its balloon holds (config actual x 4 KiB).")
+                          .Register(*registry_)),
+      balloon_bytes_(BuildCounter()
+                         .Name("fphd_balloon_bytes_total")
+                         .Help("Guest pages that came on the balloon's inflate or deflate queue, by VM and "
+                               "direction (inflate: given to the host and discarded like reports; deflate: taken "
+                               "back).")
+                         .Register(*registry_)),
       dirty_pages_(BuildCounter()
                        .Name("fphd_dirty_log_pages_total")
                        .Help("Guest pages fphd marked in the VM's dirty log while the VMM was migrating it "
@@ -374,6 +388,9 @@ VmMetrics::~VmMetrics() {
   for (auto& [k, c] : errors_) m_.protocol_errors_.Remove(c);
   for (auto& [k, c] : backend_requests_) m_.backend_requests_.Remove(c);
   if (dirty_pages_) m_.dirty_pages_.Remove(dirty_pages_);
+  if (balloon_target_) m_.balloon_target_.Remove(balloon_target_);
+  if (balloon_actual_) m_.balloon_actual_.Remove(balloon_actual_);
+  for (auto& [k, c] : balloon_bytes_) m_.balloon_bytes_.Remove(c);
   for (auto& [k, c] : transfers_) m_.state_transfers_.Remove(c);
   for (auto& [k, c] : state_bytes_) m_.state_bytes_.Remove(c);
   for (auto& [k, g] : migration_state_) m_.migration_state_.Remove(g);
@@ -454,6 +471,30 @@ void VmMetrics::backend_request(const std::string& request, bool sent) {
     it = backend_requests_.emplace(key, &c).first;
   }
   it->second->Increment();
+}
+
+void VmMetrics::set_balloon(uint64_t target_bytes, uint64_t actual_bytes) {
+  std::lock_guard lk(err_mu_);
+  // Created once a balloon is in use (a target was set or the driver
+  // reports pages), so a host that never sets one has no such series.
+  if (!balloon_target_) {
+    if (target_bytes == 0 && actual_bytes == 0) return;
+    balloon_target_ = &m_.balloon_target_.Add({{"vm", vm_}});
+    balloon_actual_ = &m_.balloon_actual_.Add({{"vm", vm_}});
+  }
+  balloon_target_->Set(static_cast<double>(target_bytes));
+  balloon_actual_->Set(static_cast<double>(actual_bytes));
+}
+
+void VmMetrics::balloon_pages(std::string_view direction, uint64_t bytes) {
+  std::lock_guard lk(err_mu_);
+  auto it = balloon_bytes_.find(direction);
+  if (it == balloon_bytes_.end())
+    it = balloon_bytes_
+             .emplace(std::string(direction),
+                      &m_.balloon_bytes_.Add({{"vm", vm_}, {"direction", std::string(direction)}}))
+             .first;
+  it->second->Increment(static_cast<double>(bytes));
 }
 
 void VmMetrics::dirty_pages(uint64_t pages) {

@@ -121,6 +121,13 @@ int run_daemon(RunOptions opts) {
   reclaim::NodePipelines pipelines(topo, discarder, policy, probe, popts);
   DaemonContext ctx{topo, pipelines, *metrics, std::chrono::seconds(cfg.stats_interval_seconds)};
   ctx.discard_while_logging = cfg.discard_while_logging;
+  BalloonTargets balloon_targets(cfg.state_dir);
+  if (auto n = balloon_targets.load(); !n) {
+    log::warn("fphd", "balloon targets: {} (starting without them)", n.error());
+  } else if (*n) {
+    log::info("fphd", "{} balloon target(s) loaded from {}", *n, balloon_targets.path());
+  }
+  ctx.balloon_targets = &balloon_targets;
   Server server(ctx, scfg);
   if (auto r = server.start(); !r) {
     std::cerr << "fphd: " << r.error() << "\n";
@@ -134,7 +141,7 @@ int run_daemon(RunOptions opts) {
 
   const std::string version(daemon_version());
   AdminDispatcher admin_cmds;
-  add_daemon_commands(admin_cmds, {server, topo, policy, pipelines, probe, version, {}});
+  add_daemon_commands(admin_cmds, {server, topo, policy, pipelines, probe, version, {}, &balloon_targets});
   AdminServer admin(admin_cmds, version);
   if (admin_fd >= 0) {
     (void)admin.start_fd(UniqueFd(admin_fd), admin_path);

@@ -70,6 +70,15 @@ Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
   discard_while_logging_ = ctx_.discard_while_logging;
   vm_metrics_->set_migration_state(to_string(MigrationState::None));
   ctx_.metrics.session_opened();
+  // A target the operator set for this VM survives its reconnects and fphd
+  // restarts (balloon_targets.h): in place before the driver reads it.
+  if (ctx_.balloon_targets) {
+    if (auto t = ctx_.balloon_targets->get(name_)) {
+      config_.num_pages = *t;
+      log::info("session", "vm={} balloon target restored: num_pages={} ({} MiB)", name_, *t,
+                (uint64_t{*t} << balloon::kPfnShift) >> 20);
+    }
+  }
 }
 
 Session::~Session() {

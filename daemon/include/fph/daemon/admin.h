@@ -32,6 +32,7 @@
 
 #include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
+#include "fph/daemon/balloon_targets.h"
 #include "fph/reclaim/policy.h"
 
 namespace fph::reclaim {
@@ -122,6 +123,8 @@ struct AdminDeps {
   std::string version;
   // Optional: called after a policy change (e.g. to log or persist).
   std::function<void()> on_policy_change;
+  // Optional: balloon targets are remembered here (set-balloon).
+  BalloonTargets* balloon_targets = nullptr;
 };
 void add_daemon_commands(AdminDispatcher& d, AdminDeps deps);
 

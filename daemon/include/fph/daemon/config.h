@@ -48,6 +48,9 @@ struct FphdConfig {
   // the discarded pages in the log (true), or hold discards (false).
   bool discard_while_logging = true;
   std::string synthetic_topology;
+  // Where fphd keeps what must survive its restart (balloon targets); ""
+  // = nothing is kept across restarts.
+  std::string state_dir;
   // [policy]
   PolicyConfig policy;
 };

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "fph/proto/balloon_stats.h"
@@ -93,6 +94,12 @@ class VmMetrics {
   void guest_stats(const proto::balloon::Stats& s, uint64_t unknown_tags);
   // Headroom (stats_service.h unreported_free_bytes), once stats arrived.
   void set_unreported_free(uint64_t bytes);
+  // The balloon (docs/metrics.md "Balloon"): the target the host set and
+  // what the driver says it holds (config num_pages / actual, in bytes), and
+  // pages that came on the inflate or deflate queue (`direction`), counted
+  // apart from free page reporting.
+  void set_balloon(uint64_t target_bytes, uint64_t actual_bytes);
+  void balloon_pages(std::string_view direction, uint64_t bytes);
 
   // Cumulative counts the reclaim state is derived from (misaligned backing:
   // reports arrive but every byte is skipped as misaligned).
@@ -134,6 +141,9 @@ class VmMetrics {
   std::map<std::pair<std::string, std::string>, prometheus::Counter*> transfers_;  // under err_mu_
   std::map<std::string, prometheus::Counter*> state_bytes_;                        // under err_mu_
   std::map<std::string, prometheus::Gauge*> migration_state_;                      // under err_mu_
+  prometheus::Gauge* balloon_target_ = nullptr;
+  prometheus::Gauge* balloon_actual_ = nullptr;
+  std::map<std::string, prometheus::Counter*, std::less<>> balloon_bytes_;  // under err_mu_
   std::mutex lazy_mu_;
   // Stats queue series, created on first use (under lazy_mu_).
   std::array<prometheus::Gauge*, proto::balloon::kStatTags> guest_stat_{};
@@ -184,6 +194,9 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Counter>& protocol_errors_;
   prometheus::Family<prometheus::Counter>& backend_requests_;
+  prometheus::Family<prometheus::Gauge>& balloon_target_;
+  prometheus::Family<prometheus::Gauge>& balloon_actual_;
+  prometheus::Family<prometheus::Counter>& balloon_bytes_;
   prometheus::Family<prometheus::Counter>& dirty_pages_;
   prometheus::Family<prometheus::Counter>& state_transfers_;
   prometheus::Family<prometheus::Counter>& state_bytes_;

@@ -42,6 +42,7 @@ struct RequestPlan {
   // dirty log when the request completes while the VMM is migrating.
   std::vector<std::pair<uint64_t, uint64_t>> discard_gpas;
   uint64_t invalid_bytes = 0;
+  uint64_t deflated_bytes = 0;  // deflate queue: pages the driver takes back (4 KiB each)
   size_t targets() const;
 };
 

@@ -22,6 +22,7 @@
 #include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
 #include "fph/daemon/backend_channel.h"
+#include "fph/daemon/balloon_targets.h"
 #include "fph/daemon/dirty_log.h"
 #include "fph/daemon/guest_memory.h"
 #include "fph/daemon/metrics.h"
@@ -51,6 +52,9 @@ struct DaemonContext {
   // A device-state transfer the front end does not finish within this is
   // abandoned (CHECK_DEVICE_STATE then reports the failure).
   std::chrono::milliseconds state_transfer_timeout{std::chrono::seconds(10)};
+  // Balloon targets by VM name (admin set-balloon), restored when a VM of
+  // that name connects; null: not kept.
+  BalloonTargets* balloon_targets = nullptr;
 };
 
 // Features fphd offers (reference 1.1, 4.4). EVENT_IDX is not offered (we
@@ -60,7 +64,10 @@ struct DaemonContext {
 inline constexpr uint64_t kOfferedFeatures =
     proto::balloon::kFVersion1 | proto::balloon::kFIndirectDesc | proto::balloon::kFPagePoison |
     proto::balloon::kFReporting | proto::vu::feature::kProtocolFeatures |
-    proto::vu::feature::kLogAll | proto::balloon::kFFphEpoch;
+    proto::vu::feature::kLogAll | proto::balloon::kFFphEpoch |
+    // A guest under memory pressure may take balloon pages back (virtio 1.2
+    // 5.5.6.1): fphd needs nothing for it, the deflate queue is served.
+    proto::balloon::kFDeflateOnOom;
 inline constexpr uint64_t kOfferedProtocolFeatures =
     proto::vu::protocol::bit(proto::vu::protocol::kReplyAck) |
     proto::vu::protocol::bit(proto::vu::protocol::kConfig) |
