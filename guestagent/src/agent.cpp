@@ -76,6 +76,7 @@ Expected<void, std::string> validate(Config& c) {
     return bad("--capacity * --max-inflight must be <= 1024 (reporting ring size)");
   if (c.reporting_delay.count() < 0) return bad("--reporting-delay-ms must be >= 0");
   if (c.epoch_poll.count() < 0) return bad("--epoch-poll-ms must be >= 0");
+  if (c.balloon_poll.count() < 0) return bad("--balloon-poll-ms must be >= 0");
   if (c.repeat < 1) return bad("--repeat must be >= 1");
   if (c.regions < 1 || c.regions > 64) return bad("--regions must be 1..64");
   if (c.mem_table && c.regions > 8) return bad("--mem-table carries at most 8 regions");
@@ -120,6 +121,8 @@ struct Env {
   std::function<void()> on_running;
   std::function<void()> on_stopping;
   std::function<void(nlohmann::json& summary, int& code)> summarize;
+  // --workload-on-signal: SIGUSR1s received (each lets one run start).
+  std::atomic<uint64_t>* go = nullptr;
 };
 
 // Runs the workload and the main loop with a started-or-startable transport
@@ -135,7 +138,14 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
 
   std::thread wthread([&] {
     pthread_setname_np(pthread_self(), "fph-workload");
-    for (int i = 0; i < c.repeat && !stop_workload.load(); ++i) e.workload.run(c.workload, stop_workload);
+    for (int i = 0; i < c.repeat && !stop_workload.load(); ++i) {
+      if (e.go) {
+        while (e.go->load() <= static_cast<uint64_t>(i) && !stop_workload.load())
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        if (stop_workload.load()) break;
+      }
+      e.workload.run(c.workload, stop_workload);
+    }
     workload_done.store(true);
     if (c.workload.kind != WorkloadSpec::Kind::None) {
       log::info("agent", "workload done ({} run(s))", c.repeat);
@@ -162,6 +172,10 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
     if (n > 0 && p[0].revents) {
       signalfd_siginfo si{};
       (void)!::read(e.sigfd, &si, sizeof si);
+      if (si.ssi_signo == SIGUSR1) {  // --workload-on-signal
+        if (e.go) e.events.emit({{"event", "workload_go"}, {"run", e.go->fetch_add(1) + 1}});
+        continue;
+      }
       log::info("agent", "{} received, shutting down", strsignal(static_cast<int>(si.ssi_signo)));
       reason = "signal";
       break;
@@ -251,6 +265,18 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
     const auto ep = driver.epoch();
     sum["epoch"] = ep ? json(*ep) : json(nullptr);
     sum["epoch_changes"] = driver.epoch_changes();
+    if (const BalloonTarget* b = driver.balloon()) {
+      const auto bs = b->stats();
+      sum["balloon"] = {{"actual", bs.actual},
+                        {"target", bs.target},
+                        {"inflated_pages", bs.inflated_pages},
+                        {"deflated_pages", bs.deflated_pages},
+                        {"oom_deflated_pages", bs.oom_deflated_pages},
+                        {"oom_deflates", bs.oom_deflates},
+                        {"no_memory_stalls", bs.no_memory_stalls}};
+    } else {
+      sum["balloon"] = nullptr;
+    }
   }
   if (e.summarize) e.summarize(sum, code);
   e.events.emit(sum);
@@ -295,6 +321,7 @@ int run(const Config& c, EventSink& events) {
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGTERM);
   sigaddset(&sigs, SIGINT);
+  if (c.workload_on_signal) sigaddset(&sigs, SIGUSR1);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
   UniqueFd sigfd(::signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK));
@@ -329,7 +356,9 @@ int run(const Config& c, EventSink& events) {
   if (c.local_reclaim == LocalMethod::Free) checker.set_lazy_free(true);
 
   std::function<void(int)> notify;  // set once the transport exists
+  std::function<uint64_t()> oom;    // the balloon's DEFLATE_ON_OOM, once the driver exists
   WorkloadHooks wh;
+  wh.on_oom = [&]() -> uint64_t { return oom ? oom() : 0; };
   wh.notify_free = [&](int order) {
     if (notify) notify(order);
   };
@@ -396,12 +425,26 @@ int run(const Config& c, EventSink& events) {
     if (reconnected)
       events.emit({{"event", "reconnected"}, {"features", n.features}});
   };
+  // Balloon pages: their content is the host's (discarded: zero), never
+  // checked; a reported mark from before must not be checked either.
+  hooks.balloon_inflated = [&](uint64_t frame) { checker.forget_reported(frame, 0); };
+  // Deflated pages are freed like any page: poisoned first with PAGE_POISON
+  // (their content is whatever the host left: zero after a discard).
+  hooks.balloon_deflating = [&](uint64_t frame) { checker.poison(frame, 0); };
+  hooks.on_balloon = [&](const char* reason, const BalloonStats& s) {
+    events.emit({{"event", "balloon"}, {"reason", reason}, {"target", s.target},
+                 {"actual", s.actual}, {"inflated_pages", s.inflated_pages},
+                 {"deflated_pages", s.deflated_pages},
+                 {"oom_deflated_pages", s.oom_deflated_pages}});
+  };
   hooks.on_epoch_changed = [&](uint32_t from, uint32_t to, uint64_t forgotten_bytes) {
     events.emit({{"event", "epoch_changed"}, {"from", from}, {"to", to},
                  {"forgotten_bytes", forgotten_bytes}});
   };
 
   Env env{c, events, mem, buddy, zone, counters, checker, workload, resident, sigfd.get(), completed.get()};
+  std::atomic<uint64_t> go{0};
+  if (c.workload_on_signal) env.go = &go;
 
   if (c.local_reclaim) {
     LocalOptions lo;
@@ -458,6 +501,9 @@ int run(const Config& c, EventSink& events) {
   dopt.frontend.stats = !c.no_stats;
   dopt.frontend.epoch = !c.no_epoch;
   dopt.epoch_poll = c.epoch_poll;
+  dopt.frontend.deflate_on_oom = !c.no_deflate_on_oom;
+  dopt.balloon = !c.no_balloon;
+  dopt.balloon_poll = c.balloon_poll;
   dopt.reporting.order = c.reporting_order;
   dopt.reporting.capacity = c.capacity;
   dopt.reporting.delay = c.reporting_delay;
@@ -471,6 +517,7 @@ int run(const Config& c, EventSink& events) {
 
   BalloonDriver driver(mem, buddy, zone, dopt, connector, hooks);
   notify = [&](int order) { driver.notify_free(order); };
+  oom = [&]() -> uint64_t { return driver.oom_deflate(); };
   std::atomic<bool> migration_cancel{false};
   std::thread migration;
   std::optional<MigrationReport> migrated;
@@ -516,6 +563,10 @@ int run(const Config& c, EventSink& events) {
       if (::poll(&p, 1, 50) > 0) {
         signalfd_siginfo si{};
         (void)!::read(sigfd.get(), &si, sizeof si);
+        if (si.ssi_signo == SIGUSR1) {  // --workload-on-signal: counts, setup goes on
+          events.emit({{"event", "workload_go"}, {"run", go.fetch_add(1) + 1}});
+          continue;
+        }
         log::info("agent", "{} received during setup, giving up",
                   strsignal(static_cast<int>(si.ssi_signo)));
         setup_signalled.store(true);
@@ -529,6 +580,7 @@ int run(const Config& c, EventSink& events) {
   watcher.join();
   if (!neg) {
     notify = nullptr;
+    oom = nullptr;
     if (setup_signalled.load()) return kExitOk;
     log::error("agent", "vhost-user setup failed ({}): {}", to_string(neg.error().code),
                neg.error().message);
@@ -546,11 +598,15 @@ int run(const Config& c, EventSink& events) {
                {"reporting", neg->reporting()},
                {"stats", neg->stats()},
                {"epoch", neg->epoch ? json(*neg->epoch) : json(nullptr)},
+               {"balloon", driver.balloon() != nullptr &&
+                               neg->has_protocol(proto::vu::protocol::kConfig)},
+               {"deflate_on_oom", neg->deflate_on_oom()},
                {"poison", neg->poison() ? json(neg->config.poison_val) : json(nullptr)},
                {"reporting_order", c.reporting_order},
                {"resident_bytes", resident_bytes}});
   const int code = drive(env, driver, setup_signalled.load());
   notify = nullptr;
+  oom = nullptr;
   return code;
 }
 

@@ -87,6 +87,34 @@ BalloonDriver::BalloonDriver(GuestMemory& mem, BuddyAllocator& buddy, std::mutex
   reporting_->set_wakeup([this] { signal_eventfd(wake_fd_.get()); });
   // The stats queue needs its own ring slot in guest memory.
   if (mem_.ring_count() <= ring_slot(proto::balloon::QueueRole::Stats, 0)) opts_.frontend.stats = false;
+  if (opts_.balloon && mem_.ring_count() > ring_slot(proto::balloon::QueueRole::Deflate, 1)) {
+    // The PFN arrays (256 le32 each, inflate at 0, deflate at 1 KiB) live in
+    // one guest page taken from the buddy model for good, as Linux keeps
+    // vb->pfns in kernel memory: the workload never gets it.
+    std::optional<uint64_t> f;
+    {
+      std::lock_guard lk(zone_);
+      f = buddy_.alloc(0);
+    }
+    if (f) {
+      pfn_gpa_ = mem_.frame_gpa(*f);
+      // Resident from the start, like the kernel memory Linux keeps vb->pfns
+      // in: the host's backing then changes only by what the balloon moves.
+      if (uint8_t* p = mem_.frame_ptr(*f)) std::memset(p, 0, kFrameSize);
+      balloon_ = std::make_unique<BalloonTarget>(buddy_, zone_, mem_.gpa_base(),
+                                                 opts_.frontend.deflate_on_oom);
+      balloon_->on_inflated = [this](uint64_t frame) {
+        if (hooks_.balloon_inflated) hooks_.balloon_inflated(frame);
+      };
+      balloon_->on_deflating = [this](uint64_t frame) {
+        if (hooks_.balloon_deflating) hooks_.balloon_deflating(frame);
+      };
+      balloon_->on_freed = [this](int order) { notify_free(order); };
+    } else {
+      log::warn("driver", "no free page for the balloon's PFN arrays: balloon disabled");
+    }
+  }
+  if (!balloon_) opts_.frontend.deflate_on_oom = false;
 }
 
 BalloonDriver::~BalloonDriver() {
@@ -186,7 +214,184 @@ FeResult<Negotiated> BalloonDriver::setup(UniqueFd sock, bool reconnected) {
   epoch_polling_ = n->epoch.has_value() && opts_.epoch_poll.count() > 0;
   next_epoch_poll_ = Clock::now() + opts_.epoch_poll;
   if (n->epoch) observe_epoch(*n->epoch);
+  // Balloon: Linux virtballoon_probe ends with "if (towards_target(vb))
+  // virtballoon_changed(vb)": the target read during negotiate() counts as
+  // a config change. A reconnect tells the (new) back end what we hold.
+  balloon_active_ = balloon_ && n->has_protocol(proto::vu::protocol::kConfig);
+  balloon_error_.clear();
+  if (balloon_active_) {
+    balloon_->set_deflate_on_oom(n->deflate_on_oom());
+    if (balloon_->actual() > 0 || n->config.actual != 0) {
+      if (auto w = fe_->write_actual(balloon_->actual()); !w)
+        return Unexpected<FrontendError>{w.error()};
+    }
+    balloon_observe(n->config.num_pages);
+    next_balloon_poll_ = Clock::now() + opts_.balloon_poll;
+  }
   return n;
+}
+
+class BalloonDriver::Transport final : public BalloonTransport {
+ public:
+  explicit Transport(BalloonDriver& d) : d_(d) {}
+  bool tell(bool inflate, std::span<const uint32_t> pfns) override {
+    return d_.balloon_tell(inflate, pfns);
+  }
+  bool write_actual(uint32_t actual) override { return d_.balloon_write_actual(actual); }
+
+ private:
+  BalloonDriver& d_;
+};
+
+bool BalloonDriver::balloon_tell(bool inflate, std::span<const uint32_t> pfns) {
+  if (!balloon_error_.empty()) return false;
+  const int qi = inflate ? 0 : 1;  // inflate and deflate are always queues 0 and 1
+  if (!fe_ || queues_.size() < 2 || pfns.empty() || pfns.size() > kBalloonArrayPfns) {
+    balloon_error_ = "balloon request without a connection";
+    return false;
+  }
+  // Linux tell_host(): one device-readable buffer holding the PFN array.
+  const uint64_t gpa = pfn_gpa_ + (inflate ? 0 : kBalloonArrayPfns * 4);
+  const auto len = static_cast<uint32_t>(pfns.size() * 4);
+  uint8_t* p = mem_.translate(gpa, len);
+  if (!p) {
+    balloon_error_ = "PFN array outside guest memory";
+    return false;
+  }
+  for (size_t i = 0; i < pfns.size(); ++i) {
+    const uint32_t v = pfns[i];
+    p[4 * i] = static_cast<uint8_t>(v);
+    p[4 * i + 1] = static_cast<uint8_t>(v >> 8);
+    p[4 * i + 2] = static_cast<uint8_t>(v >> 16);
+    p[4 * i + 3] = static_cast<uint8_t>(v >> 24);
+  }
+  Queue& q = queues_[static_cast<size_t>(qi)];
+  const vq::Buffer b{gpa, len, false};
+  auto head = q.ring.add_chain(std::span<const vq::Buffer>(&b, 1));
+  if (!head) {
+    balloon_error_ = fmt::format("{} ring full", inflate ? "inflate" : "deflate");
+    return false;
+  }
+  kick(q);
+  // wait_event(vb->acked, virtqueue_get_buf(vq, &len)): the device used it.
+  const auto deadline = Clock::now() + opts_.balloon_timeout;
+  for (;;) {
+    while (auto u = q.ring.pop_used()) {
+      if (u->id == *head) return true;
+      log::warn("driver", "{} queue: used head {} is not the one in flight ({})",
+                inflate ? "inflate" : "deflate", u->id, *head);
+    }
+    const auto now = Clock::now();
+    if (now >= deadline) {
+      balloon_error_ = fmt::format("the device did not use the {} buffer within {} ms",
+                                   inflate ? "inflate" : "deflate", opts_.balloon_timeout.count());
+      return false;
+    }
+    pollfd pf[2] = {{q.call.get(), POLLIN, 0}, {fe_->fd(), POLLIN, 0}};
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
+    const int n = ::poll(pf, 2, static_cast<int>(std::min<int64_t>(left.count(), 100)));
+    if (n < 0 && errno != EINTR) {
+      balloon_error_ = fmt::format("poll: {}", std::strerror(errno));
+      return false;
+    }
+    if (n > 0 && pf[0].revents) drain_eventfd(pf[0].fd);
+    if (n > 0 && pf[1].revents) {
+      balloon_error_ = "the control socket became readable while a balloon buffer was in flight "
+                       "(back end gone?)";
+      return false;
+    }
+  }
+}
+
+bool BalloonDriver::balloon_write_actual(uint32_t actual) {
+  if (!balloon_error_.empty() || !fe_) return false;
+  if (auto w = fe_->write_actual(actual); !w) {
+    balloon_error_ = "SET_CONFIG(actual): " + w.error().message;
+    return false;
+  }
+  return true;
+}
+
+void BalloonDriver::balloon_event(const char* reason) {
+  if (hooks_.on_balloon) hooks_.on_balloon(reason, balloon_->stats());
+}
+
+void BalloonDriver::balloon_observe(uint32_t num_pages) {
+  const uint32_t before = balloon_->target();
+  const bool was_pending = balloon_->pending();
+  balloon_->set_target(num_pages);
+  if (balloon_->target() != before || (balloon_->pending() && !was_pending)) {
+    log::info("driver", "balloon target {} pages ({} MiB), actual {}", num_pages,
+              (uint64_t{num_pages} * kFrameSize) >> 20, balloon_->actual());
+    balloon_stalled_ = false;
+    balloon_event("target");
+  }
+}
+
+bool BalloonDriver::balloon_work() {
+  if (!balloon_active_ || !balloon_) return false;
+  Transport t(*this);
+  switch (balloon_->step(t)) {
+    case BalloonTarget::Step::Progress:
+      balloon_stalled_ = false;
+      return true;
+    case BalloonTarget::Step::Reached:
+      balloon_stalled_ = false;
+      log::info("driver", "balloon reached its target: {} pages", balloon_->actual());
+      balloon_event("reached");
+      return false;
+    case BalloonTarget::Step::NoMemory:
+      if (!balloon_stalled_) {
+        balloon_stalled_ = true;
+        log::info("driver", "balloon: no free page to inflate (actual {}, target {}); retrying at "
+                  "the next config poll", balloon_->actual(), balloon_->target());
+        balloon_event("no_memory");
+      }
+      return false;
+    case BalloonTarget::Step::Failed:
+    case BalloonTarget::Step::Idle:
+      return false;
+  }
+  return false;
+}
+
+uint32_t BalloonDriver::oom_deflate() {
+  if (!balloon_ || balloon_->actual() == 0 || !balloon_active_.load() ||
+      exit_.load() != Exit::Running)
+    return 0;
+  std::unique_lock lk(oom_mu_);
+  const uint64_t mine = ++oom_requested_;
+  signal_eventfd(wake_fd_.get());
+  // Served at the driver loop's next iteration; given up when the driver
+  // stops (an allocation must not hang a shutdown).
+  while (oom_served_ < mine) {
+    if (stop_.load() || exit_.load() != Exit::Running) return 0;
+    oom_cv_.wait_for(lk, std::chrono::milliseconds(50));
+  }
+  return oom_got_;
+}
+
+void BalloonDriver::serve_oom() {
+  {
+    std::lock_guard lk(oom_mu_);
+    if (oom_served_ == oom_requested_) return;
+  }
+  uint32_t got = 0;
+  if (balloon_ && balloon_active_.load() && balloon_error_.empty()) {
+    Transport t(*this);
+    got = balloon_->oom_deflate(t);
+    if (got > 0) {
+      log::info("driver", "balloon: deflated {} pages under memory pressure (actual {})", got,
+                balloon_->actual());
+      balloon_event("oom");
+    }
+  }
+  {
+    std::lock_guard lk(oom_mu_);
+    oom_got_ = got;
+    oom_served_ = oom_requested_;
+  }
+  oom_cv_.notify_all();
 }
 
 bool BalloonDriver::poll_epoch(std::string* why) {
@@ -348,6 +553,7 @@ void BalloonDriver::drop_connection() {
   head_to_id_.clear();
   report_q_ = -1;
   stats_q_ = -1;
+  balloon_active_ = false;
 }
 
 void BalloonDriver::finish(Exit e, std::string msg) {
@@ -355,6 +561,7 @@ void BalloonDriver::finish(Exit e, std::string msg) {
   exit_msg_ = std::move(msg);
   fail_pending_task("the driver stopped: " + exit_msg_);
   exit_.store(e);
+  oom_cv_.notify_all();
   signal_eventfd(done_fd_.get());
 }
 
@@ -471,6 +678,7 @@ void BalloonDriver::loop() {
   while (!stop_.load()) {
     run_pending_task();
     drain_used();
+    serve_oom();
     if (epoch_polling_ && Clock::now() >= next_epoch_poll_) {
       std::string why;
       if (!poll_epoch(&why)) {
@@ -481,10 +689,33 @@ void BalloonDriver::loop() {
       // polls pile up back to back.
       next_epoch_poll_ = Clock::now() + opts_.epoch_poll;
     }
+    bool balloon_more = false;
+    if (balloon_active_) {
+      bool polled = false;
+      if (opts_.balloon_poll.count() > 0 && Clock::now() >= next_balloon_poll_) {
+        polled = true;
+        auto sz = fe_->read_balloon_size();
+        if (!sz) {
+          if (!connection_lost("balloon config read: " + sz.error().message)) return;
+          continue;
+        }
+        balloon_observe(sz->first);
+        next_balloon_poll_ = Clock::now() + opts_.balloon_poll;
+      }
+      // A stalled inflation (no free page) is retried at the next poll.
+      if (!balloon_stalled_ || polled || opts_.balloon_poll.count() == 0)
+        balloon_more = balloon_work();
+      if (!balloon_error_.empty()) {
+        if (!connection_lost("balloon: " + balloon_error_)) return;
+        continue;
+      }
+    }
     auto now = Clock::now();
     auto next = Clock::time_point::max();
     if (reporting_enabled_) next = reporting_->poll(now);
     if (epoch_polling_) next = std::min(next, next_epoch_poll_);
+    if (balloon_active_ && opts_.balloon_poll.count() > 0) next = std::min(next, next_balloon_poll_);
+    if (balloon_more) next = now;
     now = Clock::now();
     auto wait = opts_.max_sleep;
     if (next != Clock::time_point::max()) {
@@ -563,6 +794,7 @@ bool BalloonDriver::reconnect_loop() {
       reporting_->notify_free(kMaxOrder);
       return true;
     }
+    serve_oom();  // not connected: nothing is deflated, the allocation goes on failing
     pollfd p{wake_fd_.get(), POLLIN, 0};
     (void)::poll(&p, 1, 500);
     if (p.revents) drain_eventfd(wake_fd_.get());

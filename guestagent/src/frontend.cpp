@@ -145,6 +145,7 @@ uint64_t choose_features(uint64_t offered, const FrontendOptions& o) {
   // fph's extension: Linux never acks it; we read the epoch with GET_CONFIG,
   // so without CONFIG the bit is useless but harmless (fph_epoch() is false).
   if (o.epoch) want |= bal::kFFphEpoch;
+  if (o.deflate_on_oom) want |= bal::kFDeflateOnOom;  // Linux: whenever offered
   if (o.poison) {
     want |= bal::kFPagePoison;
     // lx-bal virtballoon_validate: a driver that poisons free pages must
@@ -484,6 +485,38 @@ FeResult<std::optional<uint32_t>> Frontend::read_epoch() {
   return std::optional<uint32_t>{static_cast<uint32_t>(d[0]) | static_cast<uint32_t>(d[1]) << 8 |
                                  static_cast<uint32_t>(d[2]) << 16 |
                                  static_cast<uint32_t>(d[3]) << 24};
+}
+
+FeResult<std::pair<uint32_t, uint32_t>> Frontend::read_balloon_size() {
+  if (!neg_.has_protocol(vu::protocol::kConfig))
+    return fe_error(FrontendErrc::Unsupported, "GET_CONFIG needs the CONFIG protocol feature");
+  vu::ConfigPayload req;
+  req.offset = bal::kOffNumPages;
+  req.size = 8;
+  req.data.assign(8, 0);
+  auto rep = call(vu::Request::GetConfig, vu::encode_config(req));
+  if (!rep) return Unexpected<FrontendError>{rep.error()};
+  auto cfg = vu::parse_config(*rep);
+  if (!cfg || cfg->offset != bal::kOffNumPages || cfg->size != 8 || cfg->data.size() != 8)
+    return fe_error(FrontendErrc::Protocol, "GET_CONFIG(num_pages, actual): the reply does not "
+                                            "cover config bytes 0..8");
+  auto le32 = [&](size_t i) {
+    const auto& d = cfg->data;
+    return static_cast<uint32_t>(d[i]) | static_cast<uint32_t>(d[i + 1]) << 8 |
+           static_cast<uint32_t>(d[i + 2]) << 16 | static_cast<uint32_t>(d[i + 3]) << 24;
+  };
+  return std::pair<uint32_t, uint32_t>{le32(0), le32(4)};
+}
+
+FeResult<void> Frontend::write_actual(uint32_t actual) {
+  if (!neg_.has_protocol(vu::protocol::kConfig))
+    return fe_error(FrontendErrc::Unsupported, "SET_CONFIG needs the CONFIG protocol feature");
+  vu::ConfigPayload w;
+  w.offset = bal::kOffActual;
+  w.size = 4;
+  w.data = {static_cast<uint8_t>(actual), static_cast<uint8_t>(actual >> 8),
+            static_cast<uint8_t>(actual >> 16), static_cast<uint8_t>(actual >> 24)};
+  return send(vu::Request::SetConfig, vu::encode_config(w));
 }
 
 }  // namespace fph::guest

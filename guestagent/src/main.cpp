@@ -58,6 +58,16 @@ int main(int argc, char** argv) {
   app.add_option("--epoch-poll-ms", epoch_poll_ms,
                  "read the migration epoch every N ms (0 = only at connect)")
       ->capture_default_str();
+  app.add_flag("--no-balloon", c.no_balloon,
+               "ignore the balloon target (config num_pages): never inflate or deflate");
+  app.add_flag("--no-deflate-on-oom", c.no_deflate_on_oom,
+               "do not negotiate DEFLATE_ON_OOM (the balloon then never deflates by itself)");
+  int balloon_poll_ms = 500;
+  app.add_option("--balloon-poll-ms", balloon_poll_ms,
+                 "read the balloon target every N ms (0 = only at connect)")
+      ->capture_default_str();
+  app.add_flag("--workload-on-signal", c.workload_on_signal,
+               "each run of the workload waits for a SIGUSR1");
   app.add_option("--poison", poison, "negotiate PAGE_POISON with this poison_val (hex)");
   app.add_option("--workload", workload,
                  "none | alloc-free:SIZE[:HOLD_MS] | churn:SIZE:SECONDS | trace:FILE "
@@ -144,6 +154,7 @@ int main(int argc, char** argv) {
   else if (local_reclaim == "free") c.local_reclaim = LocalMethod::Free;
   c.reporting_delay = std::chrono::milliseconds(delay_ms);
   c.epoch_poll = std::chrono::milliseconds(epoch_poll_ms);
+  c.balloon_poll = std::chrono::milliseconds(balloon_poll_ms);
   c.migrate_after = std::chrono::milliseconds(std::max<int64_t>(0, migrate_after_ms));
   c.migrate_min_precopy = std::chrono::milliseconds(std::max<int64_t>(0, migrate_min_precopy_ms));
   c.migrate_reply_timeout = std::chrono::milliseconds(std::max<int64_t>(1, migrate_reply_timeout_ms));

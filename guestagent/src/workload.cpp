@@ -53,31 +53,6 @@ uint64_t minor_faults() {
 
 }  // namespace
 
-Expected<uint64_t, std::string> parse_size(std::string_view s) {
-  const std::string_view orig = s;
-  uint64_t v = 0;
-  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (ec != std::errc() || p == s.data()) return err(fmt::format("bad size '{}'", orig));
-  s.remove_prefix(static_cast<size_t>(p - s.data()));
-  uint64_t mul = 1;
-  if (!s.empty()) {
-    switch (std::toupper(static_cast<unsigned char>(s[0]))) {
-      case 'K': mul = 1ull << 10; break;
-      case 'M': mul = 1ull << 20; break;
-      case 'G': mul = 1ull << 30; break;
-      case 'T': mul = 1ull << 40; break;
-      case 'B': mul = 1; break;
-      default: return err(fmt::format("bad size suffix in '{}' (use K, M, G, T)", orig));
-    }
-    s.remove_prefix(1);
-    if (s == "iB" || s == "ib" || s == "B" || s == "b") s = {};
-    if (!s.empty()) return err(fmt::format("bad size '{}'", orig));
-  }
-  auto r = checked_mul(v, mul);
-  if (!r) return err(fmt::format("size '{}' overflows", orig));
-  return *r;
-}
-
 Expected<WorkloadSpec, std::string> parse_workload(std::string_view s) {
   WorkloadSpec w;
   w.text = std::string(s);
@@ -291,6 +266,18 @@ std::vector<Held> Workload::alloc_bytes(uint64_t bytes) {
     int order = std::min<int>(kMaxOrder, std::bit_width(left) - 1);
     std::optional<Held> h;
     for (; order >= 0 && !h; --order) h = alloc_block(order);
+    if (!h && hooks_.on_oom) {
+      // Out of memory: before failing, the OOM notifiers (the balloon's
+      // DEFLATE_ON_OOM). Inside the vCPU gate: the deflate writes the PFN
+      // array into guest memory.
+      uint64_t got = 0;
+      {
+        std::shared_lock<std::shared_mutex> running;
+        if (gate_) running = gate_->enter();
+        got = hooks_.on_oom();
+      }
+      if (got > 0) continue;
+    }
     if (!h) {
       // Memory isolated for a report comes back when the host answers:
       // stall like an allocation waiting for memory (bounded, ~5 s), rather

@@ -389,6 +389,12 @@ class TestDevice {
   void set_epoch(uint32_t e) { epoch_ = e; }
   // GET_CONFIG requests that covered the epoch (answered or refused).
   uint64_t epoch_reads() const { return epoch_reads_.load(); }
+  // Balloon: the target (config num_pages), what the driver wrote in
+  // actual, and the PFNs it put on the inflate / deflate queues.
+  void set_num_pages(uint32_t n) { num_pages_ = n; }
+  uint32_t actual() const { return actual_.load(); }
+  std::vector<uint32_t> inflated() { std::lock_guard lk(mu_); return inflated_; }
+  std::vector<uint32_t> deflated() { std::lock_guard lk(mu_); return deflated_; }
 
  private:
   struct Region {
@@ -488,6 +494,32 @@ class TestDevice {
         r.held_since = std::chrono::steady_clock::now();
         continue;
       }
+      if (i <= 1) {
+        // Inflate (0) and deflate (1): device-readable le32 PFN arrays; like
+        // fphd, the backing of inflated pages is dropped.
+        for (const auto& b : chain->buffers) {
+          EXPECT_FALSE(b.device_writable);
+          EXPECT_EQ(b.len % 4, 0u);
+          const uint8_t* a = mem.translate(b.gpa, b.len);
+          ASSERT_NE(a, nullptr);
+          for (uint32_t k = 0; k < b.len / 4; ++k) {
+            uint32_t pfn;
+            std::memcpy(&pfn, a + 4 * k, 4);
+            const uint64_t gpa = uint64_t{pfn} << 12;
+            if (i == 0) {
+              const Region* reg = mem.region(gpa);
+              ASSERT_NE(reg, nullptr);
+              const off_t off = static_cast<off_t>(reg->r.mmap_offset + (gpa - reg->r.guest_phys_addr));
+              ASSERT_EQ(fallocate(reg->fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, 4096), 0);
+            }
+            std::lock_guard lk(mu_);
+            (i == 0 ? inflated_ : deflated_).push_back(pfn);
+          }
+        }
+        r.dev.push_used(**h, 0);
+        pushed = true;
+        continue;
+      }
       chains_++;
       for (const auto& b : chain->buffers) {
         EXPECT_TRUE(b.device_writable);
@@ -570,7 +602,8 @@ class TestDevice {
         auto c = vu::parse_config(p);
         ASSERT_TRUE(c);
         bal::Config cfg;
-        cfg.num_pages = 0;
+        cfg.num_pages = num_pages_.load();
+        cfg.actual = actual_.load();
         cfg.poison_val = poison_;
         const auto std_bytes = bal::encode_config(cfg);
         std::vector<uint8_t> bytes(std_bytes.begin(), std_bytes.end());
@@ -594,8 +627,14 @@ class TestDevice {
       case vu::Request::SetConfig: {
         auto c = vu::parse_config(p);
         ASSERT_TRUE(c);
-        EXPECT_EQ(c->offset, bal::kOffPoisonVal);
         ASSERT_EQ(c->size, 4u);
+        if (c->offset == bal::kOffActual) {
+          uint32_t a;
+          std::memcpy(&a, c->data.data(), 4);
+          actual_ = a;
+          break;
+        }
+        EXPECT_EQ(c->offset, bal::kOffPoisonVal);
         std::lock_guard lk(mu_);
         std::memcpy(&poison_, c->data.data(), 4);
         break;
@@ -685,6 +724,8 @@ class TestDevice {
   std::atomic<uint64_t> chains_{0}, punched_{0}, stats_buffers_{0}, stats_free_{0};
   std::atomic<uint32_t> epoch_{o_.epoch};
   std::atomic<uint64_t> epoch_reads_{0};
+  std::atomic<uint32_t> num_pages_{0}, actual_{0};
+  std::vector<uint32_t> inflated_, deflated_;
   std::atomic<bool> stop_{false}, release_{false}, exited_{false};
   std::thread thread_;
 };
@@ -915,6 +956,7 @@ struct DriverRig {
   std::vector<std::unique_ptr<TestDevice>> devices;
   std::vector<DeviceOptions> device_opts;  // one per connection, last one repeats
   std::atomic<uint64_t> completed_bytes{0};
+  std::atomic<uint64_t> balloon_pages_reported{0};
   std::mutex seen_mu;
   std::vector<Block> completed_blocks;  // every block reported, in completion order
   struct EpochChange {
@@ -944,6 +986,12 @@ struct DriverRig {
     DriverHooks h;
     h.before_complete = [this](const ReportRequest& r) {
       for (const auto& blk : r.blocks) checker->mark_reported(blk.frame, blk.order);
+      // On the driver thread, like the balloon: a reported page is never a
+      // balloon page.
+      if (const BalloonTarget* b = driver ? driver->balloon() : nullptr)
+        for (const auto& blk : r.blocks)
+          for (uint64_t f = blk.frame; f < blk.frame + (uint64_t{1} << blk.order); ++f)
+            if (b->contains(f)) balloon_pages_reported++;
     };
     h.after_complete = [this](const ReportRequest& r) {
       std::lock_guard lk(seen_mu);
@@ -1046,6 +1094,70 @@ TEST(BalloonDriver, ReportsFreeMemoryAndDiscardedPagesReadZero) {
   EXPECT_EQ(bases[2], rig.driver->reporting()->stats().requests & 0xffff);
   EXPECT_EQ(rig.device(0).status(), 0u);
   EXPECT_TRUE(wait_for([&] { return rig.device(0).exited(); }));
+}
+
+// The balloon over the wire: the driver polls num_pages, puts PFN arrays on
+// the inflate queue (the device drops their backing) and writes actual;
+// back to 0, the same pages come back on the deflate queue and are free
+// again; reporting keeps running meanwhile and never reports a balloon page.
+TEST(BalloonDriver, FollowsTheTargetOverTheInflateAndDeflateQueues) {
+  DriverOptions o = fast_options();
+  o.balloon = true;
+  o.balloon_poll = 10ms;
+  DriverRig rig(o);
+  ASSERT_NE(rig.driver->balloon(), nullptr);
+  auto n = rig.driver->connect();
+  ASSERT_TRUE(n) << n.error().message;
+  Workload w = rig.workload();
+  auto all = w.alloc_bytes(rig.mem->size());
+  w.free_all(all);
+  const uint64_t free0 = [&] { std::lock_guard lk(rig.zone); return rig.buddy->stats().free_frames; }();
+  rig.driver->start();
+  TestDevice& dev = rig.device(0);
+  dev.set_num_pages(1000);
+  ASSERT_TRUE(wait_for([&] { return rig.driver->balloon()->actual() == 1000 && dev.actual() == 1000; }));
+  const auto pfns = dev.inflated();
+  ASSERT_EQ(pfns.size(), 1000u);
+  const uint64_t pfn0 = rig.mem->gpa_base() >> 12;
+  {
+    std::lock_guard lk(rig.zone);
+    EXPECT_EQ(rig.buddy->stats().free_frames + rig.buddy->stats().isolated_frames, free0 - 1000);
+    for (uint32_t pfn : pfns) {
+      EXPECT_EQ(rig.buddy->frame_state(pfn - pfn0), FrameState::Allocated);
+      const uint8_t* page = rig.mem->frame_ptr(pfn - pfn0);
+      EXPECT_TRUE(std::all_of(page, page + kFrameSize, [](uint8_t b) { return b == 0; }))
+          << "pfn " << pfn << " still holds data: not discarded";
+    }
+  }
+  // Reporting settles without ever reporting a balloon page.
+  ASSERT_TRUE(wait_for([&] { return rig.settled(); }));
+  dev.set_num_pages(0);
+  ASSERT_TRUE(wait_for([&] { return rig.driver->balloon()->actual() == 0 && dev.actual() == 0; }));
+  auto back = dev.deflated();
+  std::sort(back.begin(), back.end());
+  auto sorted = pfns;
+  std::sort(sorted.begin(), sorted.end());
+  EXPECT_EQ(back, sorted);
+  {
+    std::lock_guard lk(rig.zone);
+    for (uint32_t pfn : pfns) EXPECT_NE(rig.buddy->frame_state(pfn - pfn0), FrameState::Allocated);
+  }
+  // All of it can be allocated again, and the reported pages read zero.
+  ASSERT_TRUE(wait_for([&] { return rig.settled(); }));
+  auto again = w.alloc_bytes(rig.mem->size());
+  uint64_t got = 0;
+  for (const auto& h : again) got += h.bytes();
+  EXPECT_EQ(got, free0 * kFrameSize);
+  w.free_all(again);
+  EXPECT_EQ(rig.counters.reported_nonzero_bytes.load(), 0u);
+  EXPECT_EQ(rig.counters.corrupted_bytes.load(), 0u);
+  EXPECT_EQ(rig.balloon_pages_reported.load(), 0u);
+  const auto bs = rig.driver->balloon()->stats();
+  EXPECT_EQ(bs.inflated_pages, 1000u);
+  EXPECT_EQ(bs.deflated_pages, 1000u);
+  rig.driver->request_stop();
+  rig.driver->join();
+  EXPECT_EQ(rig.driver->exit_state(), BalloonDriver::Exit::Stopped);
 }
 
 // The stats queue the way Linux drives it: one buffer primed at init, then

@@ -48,6 +48,13 @@ struct Config {
   bool no_stats = false;  // do not negotiate the stats queue (STATS_VQ)
   bool no_epoch = false;  // do not negotiate fph's migration epoch (kFFphEpoch)
   std::chrono::milliseconds epoch_poll{1000};  // GET_CONFIG(epoch) period; 0 = setup only
+  bool no_balloon = false;          // ignore the balloon target (num_pages)
+  bool no_deflate_on_oom = false;   // do not negotiate VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+  std::chrono::milliseconds balloon_poll{500};  // GET_CONFIG(num_pages) period; 0 = setup only
+  // Each run of the workload (--repeat) waits for a SIGUSR1 first (tests:
+  // run the workload at a point the test chose, e.g. once the balloon is
+  // inflated, without timing assumptions).
+  bool workload_on_signal = false;
   std::optional<uint32_t> poison;
   bool mem_table = false;
 

@@ -20,6 +20,11 @@
 //    across reconnects), the reported marks of every free block are dropped
 //    and a reporting pass is requested: all free memory is reported again,
 //    once per epoch.
+//  - Balloon target (DriverOptions::balloon, balloon_target.h, docs/balloon.md):
+//    num_pages polled with GET_CONFIG every `balloon_poll`; inflate/deflate
+//    one batch of <= 256 PFNs per loop iteration, each posted on queue 0/1
+//    and waited for synchronously, then SET_CONFIG(actual); DEFLATE_ON_OOM
+//    requests from the workload (oom_deflate()) served between iterations.
 //  - Stop: no new requests, wait (bounded) for in-flight ones, then the
 //    QEMU stop sequence (SET_VRING_ENABLE 0, GET_VRING_BASE per queue,
 //    checking the returned index against what we published), SET_STATUS 0.
@@ -39,6 +44,7 @@
 #include <vector>
 
 #include "fph/common/unique_fd.h"
+#include "fph/guest/balloon_target.h"
 #include "fph/guest/buddy.h"
 #include "fph/guest/frontend.h"
 #include "fph/guest/guest_memory.h"
@@ -51,7 +57,7 @@ namespace fph::guest {
 // inflate, deflate, reporting, stats (ring_slot()); the queue *index* of each
 // role depends on what was negotiated (dense numbering: with STATS_VQ the
 // stats queue is 2 and reporting 3).
-inline constexpr uint16_t kInflateQueueSize = 128;  // QEMU's size; unused but valid
+inline constexpr uint16_t kInflateQueueSize = 128;  // QEMU's size (balloon_target.h)
 inline constexpr uint16_t kDeflateQueueSize = 128;
 inline constexpr uint16_t kStatsQueueSize = 128;    // QEMU's size; one buffer is ever posted
 // Slot of guest memory's ring area for a queue role (see above); the stats
@@ -77,6 +83,15 @@ struct DriverOptions {
   // GET_CONFIG(epoch) period while connected with the epoch negotiated
   // (FrontendOptions::epoch); 0 = only at setup.
   std::chrono::milliseconds epoch_poll{1000};
+  // Balloon inflate/deflate (balloon_target.h): off unless set (it takes
+  // one guest page for the PFN arrays). Needs the CONFIG protocol feature.
+  bool balloon = false;
+  // GET_CONFIG(num_pages) period: fph-guest has no back-end channel for
+  // CONFIG_CHANGE_MSG, so it polls (0 = only at connect).
+  std::chrono::milliseconds balloon_poll{500};
+  // How long one inflate/deflate buffer may stay with the device before the
+  // connection is considered broken.
+  std::chrono::milliseconds balloon_timeout{30000};
 };
 
 // Makes a new connection to the back end (connect or accept); `cancel` is
@@ -93,6 +108,14 @@ struct DriverHooks {
   // free memory lost their reported mark and will be reported again.
   // Called on the driver thread (or the caller's, during connect()).
   std::function<void(uint32_t from, uint32_t to, uint64_t forgotten_bytes)> on_epoch_changed;
+  // A page went into the balloon (driver thread; it already left the buddy model).
+  std::function<void(uint64_t frame)> balloon_inflated;
+  // A balloon page is about to be freed to the buddy model (driver thread).
+  std::function<void(uint64_t frame)> balloon_deflating;
+  // Balloon news (driver thread): "target" (a new num_pages was read),
+  // "reached" (actual == target), "no_memory" (inflation stalled for lack
+  // of free pages; once per stall), "oom" (deflated under memory pressure).
+  std::function<void(const char* reason, const BalloonStats& s)> on_balloon;
 };
 
 class BalloonDriver {
@@ -169,6 +192,13 @@ class BalloonDriver {
   }
   uint64_t epoch_changes() const { return epoch_changes_.load(); }
   uint64_t epoch_reads() const { return epoch_reads_.load(); }  // GET_CONFIG(epoch) answered
+  // The balloon (nullptr unless DriverOptions::balloon).
+  const BalloonTarget* balloon() const { return balloon_.get(); }
+  // DEFLATE_ON_OOM: called by an allocation that failed for lack of memory
+  // (any thread but the driver's). If negotiated and the balloon holds
+  // pages, the driver thread deflates up to 256 pages and writes actual;
+  // returns the pages given back (0: nothing to gain, retrying is useless).
+  uint32_t oom_deflate();
 
  private:
   struct Queue {
@@ -197,6 +227,14 @@ class BalloonDriver {
   void shutdown();
   void drop_connection();
   void finish(Exit e, std::string msg);
+  // Balloon, on the driver thread.
+  class Transport;
+  bool balloon_tell(bool inflate, std::span<const uint32_t> pfns);
+  bool balloon_write_actual(uint32_t actual);
+  void balloon_observe(uint32_t num_pages);
+  bool balloon_work();  // one step; true = more to do at once
+  void balloon_event(const char* reason);
+  void serve_oom();
 
   GuestMemory& mem_;
   BuddyAllocator& buddy_;
@@ -231,6 +269,19 @@ class BalloonDriver {
   std::atomic<int64_t> epoch_{-1};        // remembered across connections; -1 = unknown
   std::atomic<uint64_t> epoch_changes_{0};
   std::atomic<uint64_t> epoch_reads_{0};
+  std::unique_ptr<BalloonTarget> balloon_;
+  uint64_t pfn_gpa_ = 0;  // the PFN array page (taken from the buddy model)
+  std::atomic<bool> balloon_active_{false};  // this connection can read num_pages / write actual
+  bool balloon_stalled_ = false;  // "no_memory" said for the current stall
+  std::string balloon_error_;     // a tell failed on the connection: drop it
+  // DEFLATE_ON_OOM requests from the workload thread (oom_deflate()),
+  // served by the driver loop (serve_oom()), also while reconnecting.
+  std::mutex oom_mu_;
+  std::condition_variable oom_cv_;
+  uint64_t oom_requested_ = 0;
+  uint64_t oom_served_ = 0;
+  uint32_t oom_got_ = 0;
+  std::chrono::steady_clock::time_point next_balloon_poll_{};
   std::mutex task_mu_;
   std::condition_variable task_cv_;
   Task* task_ = nullptr;                     // set by run_on_driver, taken by the loop

@@ -13,6 +13,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 
 #include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
@@ -74,6 +75,7 @@ struct FrontendOptions {
   bool stats = false;                   // ask for VIRTIO_BALLOON_F_STATS_VQ (the driver sets it
                                         // when guest memory has a stats ring slot)
   bool epoch = true;                    // ack fph's kFFphEpoch (migration epoch at config 16)
+  bool deflate_on_oom = true;           // ack VIRTIO_BALLOON_F_DEFLATE_ON_OOM when offered
 };
 
 // What the two sides agreed on.
@@ -102,6 +104,7 @@ struct Negotiated {
   }
   bool poison() const { return features & proto::balloon::kFPagePoison; }
   bool stats() const { return features & proto::balloon::kFStatsVq; }
+  bool deflate_on_oom() const { return features & proto::balloon::kFDeflateOnOom; }
   bool has_protocol(int bit) const { return protocol & proto::vu::protocol::bit(bit); }
 };
 
@@ -161,6 +164,12 @@ class Frontend {
   // a message that is not our reply). Synchronous: the caller must be the
   // only user of the socket, with nothing else outstanding.
   FeResult<std::optional<uint32_t>> read_epoch();
+  // GET_CONFIG(0, 8): {num_pages, actual}; needs CONFIG. Same rules as
+  // read_epoch() (synchronous, sole user of the socket); a reply that does
+  // not cover the 8 bytes is a Protocol error.
+  FeResult<std::pair<uint32_t, uint32_t>> read_balloon_size();
+  // SET_CONFIG(actual): config offset 4, le32.
+  FeResult<void> write_actual(uint32_t actual);
 
   // Sends a request without a reply payload; waits for the ack when
   // REPLY_ACK is negotiated.

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "fph/common/expected.h"
+#include "fph/common/size.h"
 #include "fph/guest/buddy.h"
 #include "fph/guest/guest_memory.h"
 #include "fph/guest/trace.h"
@@ -27,7 +28,7 @@
 namespace fph::guest {
 
 // "4096", "64K", "512M", "1G", "2T" (binary units; optional trailing "iB"/"B").
-Expected<uint64_t, std::string> parse_size(std::string_view s);
+using ::fph::parse_size;  // now in fph::common (fphctl uses it too)
 
 struct WorkloadSpec {
   enum class Kind { None, AllocFree, Churn, Trace };
@@ -141,6 +142,10 @@ struct WorkloadHooks {
   // its duration and the minor page faults of the process meanwhile
   // (getrusage): the refault cost of reallocating reported memory.
   std::function<void(const TraceOp& op, uint64_t bytes, uint64_t us, uint64_t minflt)> on_trace_op;
+  // An allocation found no free memory (Linux: the OOM notifier chain, where
+  // virtio_balloon's DEFLATE_ON_OOM handler sits). Returns the pages made
+  // free; > 0 retries the allocation.
+  std::function<uint64_t()> on_oom;
 };
 
 class Workload {
