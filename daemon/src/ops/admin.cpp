@@ -190,8 +190,11 @@ json features_json(uint64_t f) {
   if (f & b::kFStatsVq) names.push_back("STATS_VQ");
   if (f & b::kFIndirectDesc) names.push_back("INDIRECT_DESC");
   if (f & b::kFPagePoison) names.push_back("PAGE_POISON");
+  if (f & b::kFDeflateOnOom) names.push_back("DEFLATE_ON_OOM");
   if (f & b::kFReporting) names.push_back("FREE_PAGE_REPORTING");
+  if (f & proto::vu::feature::kLogAll) names.push_back("LOG_ALL");
   if (f & proto::vu::feature::kProtocolFeatures) names.push_back("PROTOCOL_FEATURES");
+  if (f & b::kFFphEpoch) names.push_back("FPH_EPOCH");
   return names;
 }
 
