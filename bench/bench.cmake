@@ -10,7 +10,9 @@ add_executable(fph-bench
   ${CMAKE_CURRENT_LIST_DIR}/raw_limit.cpp
   ${CMAKE_CURRENT_LIST_DIR}/report.cpp
   ${CMAKE_CURRENT_LIST_DIR}/wakeup_floor.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/scale.cpp)
+  ${CMAKE_CURRENT_LIST_DIR}/scale.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/guest_fleet.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/backoff.cpp)
 target_link_libraries(fph-bench PRIVATE fph::probe benchmark::benchmark nlohmann_json::nlohmann_json Threads::Threads)
 target_compile_definitions(fph-bench PRIVATE
   FPH_FPHD_PATH="$<TARGET_FILE:fphd>" FPH_GUEST_PATH="$<TARGET_FILE:fph-guest>")

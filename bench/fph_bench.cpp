@@ -86,6 +86,8 @@
 //          [--backing=shmem,hugetlb] [--threads=N] [--repetitions=3]
 //          [--raw-block=SIZE] [--hold-ms=MS] [--fphd=PATH] [--guest=PATH]
 //          [--keep-logs] [--no-floor] [Google Benchmark flags, e.g. --benchmark_format=json]
+//        fph-bench --scale=1,64,256,1024 (scale.h)
+//        fph-bench --backoff [--backoff-seconds=60] (backoff.h)
 // Environment: FPH_BENCH_FPHD, FPH_BENCH_GUEST override the binaries;
 // FPH_BENCH_ARGS is prepended to the command line.
 //
@@ -103,6 +105,11 @@
 //   wakeup_floor.*  the wakeup floor: guests and a minimal kick/call responder
 //   scale.*         --scale: one fphd and 1..1024 small guests (RSS, threads,
 //                   fds, idle CPU, throughput, p99), docs/bench-scale.md
+//   backoff.*       --backoff: a churn and a batch guest with fphd's refault
+//                   backoff off then on (guest allocation throughput, memory
+//                   returned, refaults), docs/bench-backoff.md
+//   guest_fleet.*   the guests' RAM memfds opened by the bench (st_blocks) and
+//                   the wait until every guest has populated its workload
 //   report.*        the results by scenario and the summary table
 //   percentile.h    percentile and median
 //   common.h        units, the clock, formatting helpers
@@ -117,6 +124,7 @@
 #include <utility>
 #include <vector>
 
+#include "backoff.h"
 #include "common.h"
 #include "hugepages.h"
 #include "options.h"
@@ -310,6 +318,7 @@ int main(int argc, char** argv) {
   }
   raise_nofile_limit();  // the guests and fphd inherit it (scale.h)
   if (!g_opt.scale.empty()) return run_scale_mode();
+  if (g_opt.backoff) return run_backoff_mode();
   benchmark::Initialize(&bargc, bargv.data());
   if (benchmark::ReportUnrecognizedArguments(bargc, bargv.data())) return 2;
   std::fprintf(stderr, "fph-bench: fphd %s, guest %s, total %s, %d thread(s)/node, %d repetition(s)\n",

@@ -48,7 +48,10 @@ std::vector<std::string> split(const std::string& s, char sep) {
                "                 [--threads=N] [--repetitions=N] [--raw-block=SIZE] "
                "[--hold-ms=MS]\n"
                "                 [--fphd=PATH] [--guest=PATH] [--keep-logs] "
-               "[--benchmark_* flags]\n",
+               "[--benchmark_* flags]\n"
+               "       fph-bench --scale=1,64,256,1024 [--scale-*]\n"
+               "       fph-bench --backoff [--backoff-seconds=60] [--backoff-period-s=15]\n"
+               "                 [--backoff-reporting-delay-ms=100] [--backoff-json=PATH]\n",
                err.c_str());
   std::exit(2);
 }
@@ -100,6 +103,11 @@ std::vector<char*> parse_args(int argc, char** argv, std::vector<std::string>& s
       else if (key == "--scale-stats-interval") g_opt.scale_stats_interval = std::stoi(value());
       else if (key == "--scale-epoch-poll-ms") g_opt.scale_epoch_poll_ms = std::stoi(value());
       else if (key == "--scale-json") g_opt.scale_json = value();
+      else if (key == "--backoff") g_opt.backoff = true;
+      else if (key == "--backoff-seconds") g_opt.backoff_seconds = std::stoi(value());
+      else if (key == "--backoff-period-s") g_opt.backoff_period_s = std::stoi(value());
+      else if (key == "--backoff-reporting-delay-ms") g_opt.backoff_reporting_delay_ms = std::stoi(value());
+      else if (key == "--backoff-json") g_opt.backoff_json = value();
       else if (key == "--total") g_opt.total = parse_size(value()), total_set = true;
       else if (key == "--threads") g_opt.threads = std::stoi(value());
       else if (key == "--repetitions") g_opt.repetitions = std::stoi(value());
@@ -125,6 +133,10 @@ std::vector<char*> parse_args(int argc, char** argv, std::vector<std::string>& s
   }
   if (g_opt.quick && !total_set) g_opt.total = 256 * kMiB;
   if (g_opt.repetitions < 1) usage("--repetitions must be >= 1");
+  if (g_opt.backoff && !g_opt.scale.empty()) usage("--backoff and --scale are separate modes");
+  if (g_opt.backoff_seconds < 1) usage("--backoff-seconds must be >= 1");
+  if (g_opt.backoff_period_s < 1) usage("--backoff-period-s must be >= 1");
+  if (g_opt.backoff_reporting_delay_ms < 0) usage("--backoff-reporting-delay-ms must be >= 0");
   if (g_opt.threads <= 0) g_opt.threads = std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
   for (int g : g_opt.guests) {
     if (g < 1 || g > 256) usage("--guests: counts must be 1..256");

@@ -37,6 +37,11 @@ struct Options {
   int scale_stats_interval = -1;  // fphd --stats-interval in the scale mode (-1: fphd's default)
   int scale_idle_s = 10;         // idle CPU window of the scale mode
   std::string scale_json;        // --scale-json=PATH: also write the scale results there
+  bool backoff = false;           // --backoff: the refault backoff mode instead of the benchmark
+  int backoff_seconds = 60;        // --backoff-seconds: each mode's run (the churn guest's SECONDS)
+  int backoff_period_s = 15;       // --backoff-period-s: the batch guest runs once per period
+  int backoff_reporting_delay_ms = 100;  // --backoff-reporting-delay-ms: both guests' --reporting-delay-ms
+  std::string backoff_json;        // --backoff-json=PATH: also write the backoff results there
   bool table_to_stderr = false;
   std::chrono::seconds patience{300};
 };

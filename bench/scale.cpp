@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "fph/probe/scrape.h"
+#include "guest_fleet.h"
 #include "measure.h"
 #include "options.h"
 #include "percentile.h"
@@ -169,49 +170,18 @@ ScaleResult run_scale(int vms) {
       return r;
     }
   }
-  std::vector<int> memfds;
-  struct CloseAll {
-    std::vector<int>& v;
-    ~CloseAll() {
-      for (int fd : v) ::close(fd);
-    }
-  } close_all{memfds};
-  std::vector<std::vector<int>> per_guest(guests.size());
-  for (size_t i = 0; i < guests.size(); ++i) {
-    auto ev = guests[i]->wait_event("ready", patience);
-    if (!ev) {
-      r.error = "guest " + std::to_string(i) + " did not become ready: " + guests[i]->stderr_tail();
-      return r;
-    }
-    per_guest[i] = open_memfds(guests[i]->pid(), "fph-guest-ram");
-    if (per_guest[i].empty()) {
-      r.error = "cannot open guest " + std::to_string(i) + "'s memfd through /proc";
-      return r;
-    }
-    memfds.insert(memfds.end(), per_guest[i].begin(), per_guest[i].end());
+  GuestFleet fleet;
+  if (std::string err = fleet.open(guests, patience); !err.empty()) {
+    r.error = err;
+    return r;
   }
-  auto guest_bytes = [&](size_t i) {
-    int64_t s = 0;
-    for (int fd : per_guest[i]) s += fd_allocated(fd);
-    return s;
-  };
-  auto total_bytes = [&] {
-    int64_t s = 0;
-    for (int fd : memfds) s += fd_allocated(fd);
-    return s;
-  };
-  for (size_t next = 0;;) {  // every guest has written its 90%
-    while (next < guests.size() && guest_bytes(next) >= static_cast<int64_t>(alloc)) ++next;
-    if (next == guests.size()) break;
-    if (!guests[next]->running()) {
-      r.error = "guest " + std::to_string(next) + " exited during its allocation: " + guests[next]->stderr_tail();
-      return r;
-    }
-    if (Clock::now() - t_start > patience) {
-      r.error = "guests did not populate their memory in time";
-      return r;
-    }
-    std::this_thread::sleep_for(10ms);
+  auto total_bytes = [&] { return fleet.total_bytes(); };
+  // Every guest has written its 90%.
+  if (std::string err = fleet.wait_populated(guests, static_cast<int64_t>(alloc), t_start, patience, 10ms,
+                                             GuestFleet::Order::kInOrder);
+      !err.empty()) {
+    r.error = err;
+    return r;
   }
   r.setup_s = std::chrono::duration<double>(Clock::now() - t_start).count();
   const int64_t populated_ns = mono_ns(Clock::now());

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "fph/probe/scrape.h"
+#include "guest_fleet.h"
 #include "measure.h"
 #include "options.h"
 #include "processes.h"
@@ -74,55 +75,19 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
   }
   // Our own fds on every guest's RAM: st_blocks from the kernel, valid after
   // the guest exits. Closed at the end of the run.
-  std::vector<int> memfds;
-  struct CloseAll {
-    std::vector<int>& v;
-    ~CloseAll() {
-      for (int fd : v) ::close(fd);
-    }
-  } close_all{memfds};
-  std::vector<std::vector<int>> per_guest(guests.size());
+  GuestFleet fleet;
   const auto t_ready0 = Clock::now();
-  for (size_t i = 0; i < guests.size(); ++i) {
-    auto ev = guests[i]->wait_event("ready", 120s);
-    if (!ev) {
-      r.error = "guest " + std::to_string(i) + " did not become ready: " + guests[i]->stderr_tail();
-      return r;
-    }
-    per_guest[i] = open_memfds(guests[i]->pid(), "fph-guest-ram");
-    if (per_guest[i].empty()) {
-      r.error = "cannot open guest " + std::to_string(i) + "'s memfd through /proc";
-      return r;
-    }
-    memfds.insert(memfds.end(), per_guest[i].begin(), per_guest[i].end());
+  if (std::string err = fleet.open(guests, 120s); !err.empty()) {
+    r.error = err;
+    return r;
   }
-  auto guest_bytes = [&](size_t i) {
-    int64_t s = 0;
-    for (int fd : per_guest[i]) s += fd_allocated(fd);
-    return s;
-  };
-  auto total_bytes = [&] {
-    int64_t s = 0;
-    for (int fd : memfds) s += fd_allocated(fd);
-    return s;
-  };
+  auto total_bytes = [&] { return fleet.total_bytes(); };
   // Every guest has written its 90%.
-  for (;;) {
-    bool all = true;
-    for (size_t i = 0; i < guests.size() && all; ++i)
-      all = guest_bytes(i) >= static_cast<int64_t>(sc.alloc);
-    if (all) break;
-    for (auto& g : guests) {
-      if (!g->running()) {
-        r.error = "a guest exited during its allocation: " + g->stderr_tail();
-        return r;
-      }
-    }
-    if (Clock::now() - t_ready0 > patience) {
-      r.error = "guests did not populate their memory in time";
-      return r;
-    }
-    std::this_thread::sleep_for(2ms);
+  if (std::string err = fleet.wait_populated(guests, static_cast<int64_t>(sc.alloc), t_ready0, patience, 2ms,
+                                             GuestFleet::Order::kAll);
+      !err.empty()) {
+    r.error = err;
+    return r;
   }
   r.alloc_s = std::chrono::duration<double>(Clock::now() - t_ready0).count();
   const std::string m0 = http_get(metrics_url);

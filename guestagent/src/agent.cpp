@@ -125,6 +125,19 @@ struct Env {
   std::atomic<uint64_t>* go = nullptr;
 };
 
+// The workload's allocation throughput (workload.h WorkloadTotals), in the
+// workload_done and summary events: bytes allocated (pattern fill included),
+// wall seconds of its runs, their ratio (0 if it never ran), the part of
+// the seconds spent allocating, and for churn its operations.
+void add_workload_totals(json& j, const WorkloadSpec& spec, const WorkloadTotals& t) {
+  j["workload_runs"] = t.runs;
+  j["workload_alloc_bytes"] = t.alloc_bytes;
+  j["workload_seconds"] = t.seconds;
+  j["workload_alloc_bytes_per_sec"] = t.alloc_bytes_per_sec();
+  j["workload_alloc_seconds"] = t.alloc_seconds;
+  if (spec.kind == WorkloadSpec::Kind::Churn) j["workload_ops"] = t.ops;
+}
+
 // Runs the workload and the main loop with a started-or-startable transport
 // `driver` (BalloonDriver or LocalReporter), then stops it and emits the
 // summary. `skip_loop`: a signal arrived during setup.
@@ -149,8 +162,10 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
     workload_done.store(true);
     if (c.workload.kind != WorkloadSpec::Kind::None) {
       log::info("agent", "workload done ({} run(s))", c.repeat);
-      e.events.emit({{"event", "workload_done"},
-                     {"alloc_shortfall_bytes", e.counters.alloc_shortfall_bytes.load()}});
+      json done = {{"event", "workload_done"},
+                   {"alloc_shortfall_bytes", e.counters.alloc_shortfall_bytes.load()}};
+      add_workload_totals(done, c.workload, e.workload.totals());
+      e.events.emit(done);
     }
   });
 
@@ -250,6 +265,7 @@ int drive(Env& e, Dev& driver, bool skip_loop) {
               {"calls", driver.calls()},
               {"spurious_calls", driver.spurious_calls()},
               {"backing_bytes", e.mem.backing_bytes()}};
+  add_workload_totals(sum, c.workload, e.workload.totals());
   if constexpr (std::is_same_v<Dev, LocalReporter>) {
     const auto ls = driver.local_stats();
     sum["local_reclaim"] = std::string(to_string(*c.local_reclaim));

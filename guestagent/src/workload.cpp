@@ -230,9 +230,27 @@ Workload::Workload(BuddyAllocator& buddy, std::mutex& zone, MemoryChecker& check
     : buddy_(buddy), zone_(zone), checker_(checker), counters_(counters),
       hooks_(std::move(hooks)), rng_(seed) {}
 
+namespace {
+uint64_t ns_since(std::chrono::steady_clock::time_point t0) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+}  // namespace
+
+WorkloadTotals Workload::totals() const {
+  WorkloadTotals t;
+  t.runs = runs_.load();
+  t.alloc_bytes = alloc_bytes_.load();
+  t.ops = ops_.load();
+  t.seconds = static_cast<double>(run_ns_.load()) * 1e-9;
+  t.alloc_seconds = static_cast<double>(alloc_ns_.load()) * 1e-9;
+  return t;
+}
+
 std::optional<Held> Workload::alloc_block(int order) {
   std::shared_lock<std::shared_mutex> running;
   if (gate_) running = gate_->enter();
+  const auto t0 = std::chrono::steady_clock::now();
   std::optional<uint64_t> f;
   {
     std::lock_guard lk(zone_);
@@ -245,6 +263,8 @@ std::optional<Held> Workload::alloc_block(int order) {
   if (!check_reported_) {
     checker_.forget_reported(h.frame, h.order);
     checker_.fill(h.frame, h.order, h.gen);
+    alloc_bytes_ += h.bytes();
+    alloc_ns_ += ns_since(t0);
     return h;
   }
   auto [checked, bad] = checker_.check_allocated(h.frame, h.order);
@@ -255,6 +275,8 @@ std::optional<Held> Workload::alloc_block(int order) {
               "as {:#x}", h.frame, h.order, bad, checker_.free_word());
   }
   checker_.fill(h.frame, h.order, h.gen);
+  alloc_bytes_ += h.bytes();
+  alloc_ns_ += ns_since(t0);
   return h;
 }
 
@@ -346,6 +368,14 @@ uint64_t Workload::verify_all(const std::vector<Held>& blocks) {
 }
 
 void Workload::run(const WorkloadSpec& spec, const std::atomic<bool>& stop) {
+  if (spec.kind == WorkloadSpec::Kind::None) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  run_once(spec, stop);
+  run_ns_ += ns_since(t0);
+  runs_++;
+}
+
+void Workload::run_once(const WorkloadSpec& spec, const std::atomic<bool>& stop) {
   using Clock = std::chrono::steady_clock;
   stop_ = &stop;
   switch (spec.kind) {
@@ -465,6 +495,7 @@ void Workload::churn(const WorkloadSpec& spec, const std::atomic<bool>& stop) {
       ++ops;
     }
   }
+  ops_ += ops;
   uint64_t bytes = held_bytes;
   free_all(held);
   log::info("workload", "churn: {} operations, freed the remaining {} MiB", ops, bytes >> 20);

@@ -148,6 +148,24 @@ struct WorkloadHooks {
   std::function<uint64_t()> on_oom;
 };
 
+// What the workload did, over all its runs (run()): the bytes it allocated
+// (every successful alloc_block, the pattern fill included: that is where a
+// page the host discarded is faulted back in) and the wall time of the runs
+// (alloc-free: allocation, hold and free; churn: its SECONDS), so
+// alloc_bytes / seconds is its allocation throughput. alloc_seconds is the
+// part of that spent inside alloc_block (allocation and fill alone).
+struct WorkloadTotals {
+  uint64_t runs = 0;
+  uint64_t alloc_bytes = 0;
+  uint64_t ops = 0;  // churn: operations (an allocation or a free each)
+  double seconds = 0;
+  double alloc_seconds = 0;
+  // alloc_bytes / seconds, 0 if the workload has not run.
+  double alloc_bytes_per_sec() const {
+    return seconds > 0 ? static_cast<double>(alloc_bytes) / seconds : 0.0;
+  }
+};
+
 class Workload {
  public:
   Workload(BuddyAllocator& buddy, std::mutex& zone, MemoryChecker& checker,
@@ -173,7 +191,11 @@ class Workload {
   // Runs `spec` once (returns early on *stop).
   void run(const WorkloadSpec& spec, const std::atomic<bool>& stop);
 
+  // Totals since construction; safe to call from any thread.
+  WorkloadTotals totals() const;
+
  private:
+  void run_once(const WorkloadSpec& spec, const std::atomic<bool>& stop);
   void churn(const WorkloadSpec& spec, const std::atomic<bool>& stop);
   void replay(const Trace& trace, const std::atomic<bool>& stop);
 
@@ -188,6 +210,12 @@ class Workload {
   bool warned_oom_ = false;
   bool check_reported_ = true;
   VcpuGate* gate_ = nullptr;
+  // totals(): written by the workload thread, read by any.
+  std::atomic<uint64_t> runs_{0};
+  std::atomic<uint64_t> alloc_bytes_{0};
+  std::atomic<uint64_t> ops_{0};
+  std::atomic<uint64_t> run_ns_{0};
+  std::atomic<uint64_t> alloc_ns_{0};
 };
 
 }  // namespace fph::guest
