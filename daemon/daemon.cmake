@@ -29,6 +29,8 @@ add_library(fph_daemon STATIC
   src/balloon/stats_service.cpp
   src/balloon/refault_sampler.cpp
   src/balloon/balloon_targets.cpp
+  src/balloon/vm_policy.cpp
+  src/balloon/refault_backoff.cpp
   src/balloon/sampler.cpp
   src/migration/dirty_log.cpp
   src/migration/state_transfer.cpp

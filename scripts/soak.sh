@@ -77,7 +77,9 @@ msum() { awk -v m="$1" -v re="$2" '
 gib() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1073741824 }'; }
 
 # --- fphd ---
-"$FPHD" --listen "$RUN/fphd.sock" --metrics 127.0.0.1:0 --admin-socket "$RUN/admin.sock" \
+# Backoff off: the honest guests churn on purpose (the soak counts reclaimed
+# bytes and reclaim gaps); refault backoff would rightly hold their discards.
+"$FPHD" --listen "$RUN/fphd.sock" --metrics 127.0.0.1:0 --admin-socket "$RUN/admin.sock" --backoff off \
   >"$RUN/fphd.out" 2>"$RUN/fphd.log" &
 FPHD_PID=$!
 for _ in $(seq 100); do

@@ -20,6 +20,7 @@
 #include <map>
 #include <sstream>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "client.h"
@@ -78,6 +79,30 @@ std::string balloon(const json& b) {
   return human_bytes(json(actual)) + "/" + human_bytes(json(target));
 }
 
+// A VM's refault backoff: off, normal, probing, or holding with the time left.
+std::string backoff(const json& b) {
+  if (!b.is_object()) return "-";
+  if (!b.value("enabled", true)) return "off";
+  const std::string st = b.value("state", "-");
+  if (st == "holding") {
+    char buf[48];
+    std::snprintf(buf, sizeof buf, "holding %.0fs", b.value("hold-left-seconds", 0.0));
+    return buf;
+  }
+  return st;
+}
+
+// The VM's own policy, only what differs from the node's ("-": none).
+std::string vm_policy(const json& p) {
+  if (!p.is_object()) return "-";
+  std::string out;
+  auto add = [&](const std::string& s) { out += (out.empty() ? "" : ",") + s; };
+  if (p.value("rate-limit", 0ull)) add("rate=" + human_bytes(p["rate-limit"]) + "/s");
+  if (p.value("min-block", 0ull)) add("min=" + human_bytes(p["min-block"]));
+  if (p.contains("mode") && p["mode"].is_string()) add("mode=" + p["mode"].get<std::string>());
+  return out.empty() ? "-" : out;
+}
+
 void print_human(const std::string& cmd, const json& ret) {
   if (cmd == "query-sessions") {
     std::vector<std::vector<std::string>> rows;
@@ -94,11 +119,12 @@ void print_human(const std::string& cmd, const json& ret) {
                       human_bytes(s.value("reported-bytes", json())), human_bytes(s.value("reclaimed-bytes", json())),
                       human_bytes(s.value("refaulted-bytes", json())), human_bytes(s.value("headroom-bytes", json())),
                       human_bytes(gfree), str(s["counters"]["inflight"]), str(s["counters"]["requests"]),
-                      str(s["paused"]), balloon(s.value("balloon", json())), feats});
+                      str(s["paused"]), backoff(s.value("backoff", json())), vm_policy(s.value("policy", json())),
+                      balloon(s.value("balloon", json())), feats});
     }
     if (rows.empty()) std::cout << "no sessions\n";
     else table({"NAME", "STATE", "REGIONS", "MEMORY", "REPORTED", "RECLAIMED", "REFAULTED", "UNREPORTED", "GUEST-FREE",
-                "INFLIGHT", "REQUESTS", "PAUSED", "BALLOON", "FEATURES"}, rows);
+                "INFLIGHT", "REQUESTS", "PAUSED", "BACKOFF", "POLICY", "BALLOON", "FEATURES"}, rows);
   } else if (cmd == "query-nodes") {
     std::vector<std::vector<std::string>> rows;
     for (const auto& n : ret) {
@@ -213,7 +239,8 @@ int run_top(fph::ctl::AdminClient& client, double interval, int count, bool as_j
                        {"memory", s.value("memory", json())}, {"reclaimed-bytes", s.value("reclaimed-bytes", json())},
                        {"refaulted-bytes", s.value("refaulted-bytes", json())},
                        {"headroom-bytes", s.value("headroom-bytes", json())},
-                       {"reclaim-rate", s["reclaim-rate"]}, {"refault-rate", s["refault-rate"]}});
+                       {"reclaim-rate", s["reclaim-rate"]}, {"refault-rate", s["refault-rate"]},
+                       {"backoff", s.value("backoff", json())}});
       std::cout << out.dump() << std::endl;
       continue;
     }
@@ -233,9 +260,10 @@ int run_top(fph::ctl::AdminClient& client, double interval, int count, bool as_j
       rows.push_back({str(s["name"]), str(s.value("state", json())), human_bytes(s.value("memory", json())),
                       human_bytes(s.value("reclaimed-bytes", json())), rate(s["reclaim-rate"]),
                       human_bytes(s.value("refaulted-bytes", json())), rate(s["refault-rate"]),
-                      human_bytes(s.value("headroom-bytes", json()))});
+                      human_bytes(s.value("headroom-bytes", json())), backoff(s.value("backoff", json()))});
     if (rows.empty()) std::cout << "no sessions\n";
-    else table({"NAME", "STATE", "MEMORY", "RECLAIMED", "RECLAIM/S", "REFAULTED", "REFAULT/S", "UNREPORTED"}, rows);
+    else table({"NAME", "STATE", "MEMORY", "RECLAIMED", "RECLAIM/S", "REFAULTED", "REFAULT/S", "UNREPORTED", "BACKOFF"},
+               rows);
     if (!tty) std::cout << "\n";
     std::cout << std::flush;
   }
@@ -261,7 +289,6 @@ int main(int argc, char** argv) {
   std::string vm, name, path, mode, raw_cmd, raw_args;
   std::vector<std::string> vms;
   int node = -1;
-  uint64_t rate = 0;
   bool paused_flag = false, resumed_flag = false;
 
   auto* c_status = app.add_subcommand("status", "Daemon status (query-status)");
@@ -281,11 +308,19 @@ int main(int argc, char** argv) {
   c_pause->add_option("vm", vm, "VM name")->required();
   auto* c_resume = app.add_subcommand("resume", "Resume reclaim for a VM");
   c_resume->add_option("vm", vm, "VM name")->required();
-  auto* c_policy = app.add_subcommand("set-policy", "Change a node's policy (mode, rate limit) or a VM's (paused)");
+  auto* c_policy = app.add_subcommand(
+      "set-policy", "Change a node's policy (mode, rate limit) or a VM's (mode, rate limit, minimum block, "
+                    "paused, backoff; kept until the next reload)");
   auto* o_node = c_policy->add_option("--node", node, "Node index");
   auto* o_vm = c_policy->add_option("--vm", vm, "VM name");
   auto* o_mode = c_policy->add_option("--mode", mode, "eager, lazy or auto");
-  auto* o_rate = c_policy->add_option("--rate-limit", rate, "Bytes per second a node may discard (0: unlimited)");
+  std::string rate_s, min_block_s, backoff_s;
+  auto* o_rate = c_policy->add_option("--rate-limit", rate_s,
+                                      "Bytes per second the node (or VM) may discard, e.g. 256M (0: unlimited)");
+  auto* o_min = c_policy->add_option("--min-block", min_block_s,
+                                     "VM: reported blocks smaller than this are not discarded, e.g. 4M (0: any)");
+  auto* o_backoff = c_policy->add_option("--backoff", backoff_s, "VM: refault backoff on or off")
+                        ->check(CLI::IsMember({"on", "off"}));
   c_policy->add_flag("--paused", paused_flag, "Pause the VM's reclaim");
   c_policy->add_flag("--resumed", resumed_flag, "Resume the VM's reclaim");
   uint64_t pages = 0;
@@ -359,7 +394,16 @@ int main(int argc, char** argv) {
     if (o_node->count()) args["node"] = node;
     if (o_vm->count()) args["vm"] = vm;
     if (o_mode->count()) args["mode"] = mode;
-    if (o_rate->count()) args["rate-limit"] = rate;
+    for (auto [opt, text, key] : {std::tuple{o_rate, &rate_s, "rate-limit"}, std::tuple{o_min, &min_block_s, "min-block"}}) {
+      if (!opt->count()) continue;
+      auto b = fph::parse_size(*text);
+      if (!b) {
+        std::cerr << "fphctl: set-policy: --" << key << ": " << b.error() << "\n";
+        return kUsage;
+      }
+      args[key] = *b;
+    }
+    if (o_backoff->count()) args["backoff"] = backoff_s == "on";
     if (paused_flag && resumed_flag) {
       std::cerr << "fphctl: set-policy: --paused and --resumed exclude each other\n";
       return kUsage;

@@ -81,6 +81,11 @@ int main(int argc, char** argv) {
                      ->check(CLI::IsMember({"auto", "eager", "lazy"}));
   auto* o_rate = app.add_option("--rate-limit", rate_limit, "Bytes per second each node may discard (0: unlimited)");
   auto* o_madv = app.add_flag("--prefer-madvise", prefer_madvise, "Shared memory: MADV_REMOVE instead of punching holes");
+  std::string backoff;
+  auto* o_backoff = app.add_option("--backoff", backoff,
+                                   "Refault backoff for every VM without a setting of its own: on or off "
+                                   "(config policy.backoff.enabled) [on]")
+                        ->check(CLI::IsMember({"on", "off"}));
   auto* o_synth = app.add_option("--synthetic-topology", synthetic,
                                  "Use an hwloc synthetic topology (testing), e.g. 'node:4 core:1 pu:1'");
   auto* o_log = app.add_option("--log-level", log_level, "debug, info, warn, error [info]");
@@ -125,6 +130,7 @@ int main(int argc, char** argv) {
     if (o_mode->count()) c.policy.defaults.mode = *daemon::parse_private_mode(private_mode);
     if (o_rate->count()) c.policy.defaults.rate_limit_bytes_per_sec = rate_limit;
     if (o_madv->count()) c.policy.defaults.prefer_madvise = prefer_madvise;
+    if (o_backoff->count()) c.policy.backoff.enabled = backoff == "on";
     if (o_log->count()) c.log_level = log_level;
   };
   apply_cli(cfg);

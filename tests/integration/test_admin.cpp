@@ -408,7 +408,7 @@ TEST(Admin, YankTearsDownASessionStuckInGetVringBase) {
 // reports is skipped (reason "paused") and nothing of it is discarded, and
 // the reclaim state says so; after resume, discarding continues.
 TEST(Admin, PauseThroughFphctlSkipsReclaimAndResumeRestoresIt) {
-  Daemon d;
+  Daemon d({"--backoff", "off"});  // only "paused" may skip here (backoff: test_policy.cpp)
   Process g({guest_path(), "--connect", d.fphd->socket, "--name", "pz", "--memory", "256M",
              "--workload", "churn:128M:600", "--reporting-delay-ms", "100"},
             d.dir.path + "/pz.stderr");

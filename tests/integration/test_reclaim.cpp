@@ -161,7 +161,9 @@ TEST(Reclaim, WithoutReportingTheBackingStays) {
 // and the resident set must be intact after every discard wave.
 TEST(Reclaim, ChurnKeepsIntegrityAndReallocatedReportedBlocksReadZero) {
   TempDir dir;
-  Fphd fphd(dir);
+  // Every reported block must be discarded here (--require-discard): refault
+  // backoff would rightly return some undiscarded (test_policy.cpp tests it).
+  Fphd fphd(dir, {"--backoff", "off"});
   Guest g = start_guest(fphd, dir, "churn", {"--workload", "churn:256M:8", "--require-discard"});
   ASSERT_TRUE(g.proc->wait_event("ready")) << g.proc->stderr_text();
   // Wait until the guest has seen reported blocks come back to it.

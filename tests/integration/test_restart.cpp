@@ -42,7 +42,8 @@ json nodes(const std::string& admin) {
 // isolated, and reclaim resumes, as measured from the kernel.
 TEST(Restart, DaemonRestartMidWorkloadLosesNothing) {
   TempDir dir;
-  auto fphd = std::make_unique<Fphd>(dir, std::vector<std::string>{"--rate-limit", "33554432"});
+  // --backoff off: every reported block must be discarded (--require-discard).
+  auto fphd = std::make_unique<Fphd>(dir, std::vector<std::string>{"--rate-limit", "33554432", "--backoff", "off"});
   Process g({guest_path(), "--connect", fphd->socket, "--name", "rs", "--memory", "256M", "--resident", "16M",
              "--reporting-delay-ms", "100", "--workload", "churn:128M:15", "--require-discard", "--reconnect"},
             dir.path + "/rs.stderr");
@@ -51,7 +52,7 @@ TEST(Restart, DaemonRestartMidWorkloadLosesNothing) {
   fphd->proc->signal(SIGTERM);
   EXPECT_EQ(fphd->proc->wait(), 0) << fphd->proc->stderr_text();
   const std::string old_log = fphd->proc->stderr_text();
-  fphd = std::make_unique<Fphd>(dir);
+  fphd = std::make_unique<Fphd>(dir, std::vector<std::string>{"--backoff", "off"});
   ASSERT_TRUE(g.wait_event("reconnected")) << g.stderr_text();
   const int64_t at_reconnect = memfd_allocated_bytes(g.pid());
 

@@ -48,6 +48,8 @@ std::string_view to_string(SkipReason r) {
     case SkipReason::Unsupported: return "unsupported";
     case SkipReason::Cancelled: return "cancelled";
     case SkipReason::Migrating: return "migrating";
+    case SkipReason::Small: return "small";
+    case SkipReason::Backoff: return "backoff";
   }
   return "unknown";
 }

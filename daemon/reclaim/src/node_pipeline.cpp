@@ -282,7 +282,7 @@ void NodePipelines::Node::process(Work& w) {
     RangeResult rr;
     rr.target = t;
     auto& m = chosen[static_cast<size_t>(t.backing) % 3];
-    if (!m) m = policy.choose(t.backing, index, w.memory);
+    if (!m) m = policy.choose(t.backing, index, w.memory, b.mode);
     rr.outcome.method = *m;
     if (t.length == 0) {
       r.ranges.push_back(rr);

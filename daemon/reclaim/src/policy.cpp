@@ -107,10 +107,11 @@ int PolicyTable::node_count() const {
   return static_cast<int>(nodes_.size());
 }
 
-Method PolicyTable::choose(Backing b, int node, const NodeMemory& m) const {
+Method PolicyTable::choose(Backing b, int node, const NodeMemory& m,
+                           std::optional<PrivateMode> mode) const {
   const NodePolicy p = get(node);
   bool lazy = false;
-  switch (p.mode) {
+  switch (mode.value_or(p.mode)) {
     case PrivateMode::Eager: lazy = false; break;
     case PrivateMode::Lazy: lazy = true; break;
     // Unknown memory state (probe failed) counts as headroom: MADV_FREE still

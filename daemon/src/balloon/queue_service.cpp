@@ -53,7 +53,8 @@ int node_for(const Translation& t, const reclaim::Topology& topo) {
 // and is aligned to the host page size. Hugetlb ranges are passed on whole:
 // the discard engine rounds them inward to huge pages and counts the rest.
 void add_range(RequestPlan& plan, uint16_t head, size_t idx, uint64_t gpa, uint64_t len,
-               const MemoryTable& table, SkipReason session_skip, const reclaim::Topology& topo) {
+               const MemoryTable& table, SkipReason session_skip, const reclaim::Topology& topo,
+               uint64_t min_block = 0) {
   if (len == 0) return;
   auto t = table.translate_range(gpa, len);
   if (!t) {
@@ -74,6 +75,10 @@ void add_range(RequestPlan& plan, uint16_t head, size_t idx, uint64_t gpa, uint6
     plan.skipped.push_back({session_skip, len});
     return;
   }
+  if (len < min_block) {
+    plan.skipped.push_back({SkipReason::Small, len});
+    return;
+  }
   const auto& r = *t->region;
   reclaim::DiscardTarget d;
   d.fd = r.fd.get();
@@ -92,7 +97,7 @@ void add_range(RequestPlan& plan, uint16_t head, size_t idx, uint64_t gpa, uint6
 }  // namespace
 
 RequestPlan plan_request(const vq::Chain& chain, QueueRole role, const MemoryTable& table,
-                         SkipReason session_skip, const reclaim::Topology& topo) {
+                         SkipReason session_skip, const reclaim::Topology& topo, uint64_t min_block) {
   RequestPlan plan;
   const int nodes = std::max(1, topo.node_count());
   plan.per_node.resize(nodes);
@@ -111,7 +116,7 @@ RequestPlan plan_request(const vq::Chain& chain, QueueRole role, const MemoryTab
             chain.head, i, b.gpa, b.len));
         continue;
       }
-      add_range(plan, chain.head, i, b.gpa, b.len, table, session_skip, topo);
+      add_range(plan, chain.head, i, b.gpa, b.len, table, session_skip, topo, min_block);
     } else if (role == QueueRole::Inflate) {
       // virtio 1.2 5.5.6: inflate buffers are arrays of le32 page frame
       // numbers (4 KiB units). The guest gave these pages to the host, so
@@ -183,7 +188,10 @@ void account_verified(PendingRequest& req, int node, const reclaim::RangeResult&
   const auto& o = rr.outcome;
   if (o.discarded_bytes == 0) return;
   auto& vm = req.session->metrics();
-  if (o.freed_bytes > 0) vm.reclaimed(node, static_cast<uint64_t>(o.freed_bytes));
+  if (o.freed_bytes > 0) {
+    vm.reclaimed(node, static_cast<uint64_t>(o.freed_bytes));
+    req.session->backoff().discarded(static_cast<uint64_t>(o.freed_bytes));
+  }
   else if (o.freed_bytes == 0) vm.freed_nothing(node);
   const auto& t = rr.target;
   // Only what really freed memory can refault: a discard of never-populated
@@ -199,7 +207,7 @@ void account_verified(PendingRequest& req, int node, const reclaim::RangeResult&
   }
   for (const auto& region : req.regions) {
     if (t.addr >= region->map_base && t.addr + t.length <= region->map_base + region->map_len) {
-      req.session->refaults().discarded(region, t.addr + skip, len);
+      req.session->refaults().discarded(region, t.addr + skip, len, RefaultTracker::Clock::now(), o.freed_bytes);
       return;
     }
   }
@@ -234,6 +242,8 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
     uint16_t head = 0;
     Expected<vq::Chain, vq::ChainError> walked;
     SkipReason session_skip = SkipReason::None;
+    uint64_t min_block = 0;
+    std::optional<reclaim::PrivateMode> mode;
     {
       std::lock_guard lk(mu);
       if (!vr.started) return true;
@@ -253,6 +263,8 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       // reads the descriptor table again.
       walked = vr.ring.walk(head, *table);
       session_skip = s.skip_reason(queue);
+      min_block = role == QueueRole::Reporting ? s.min_block_locked() : 0;
+      mode = s.private_mode_locked();
       s.taken_locked(queue);
     }
 
@@ -268,7 +280,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       continue;
     }
 
-    RequestPlan plan = plan_request(*walked, role, *table, session_skip, ctx.topology);
+    RequestPlan plan = plan_request(*walked, role, *table, session_skip, ctx.topology, min_block);
     for (size_t i = 0; i < plan.errors.size(); ++i) {
       log::error("queue", "vm={} vring {}: {}", s.name(), queue, plan.errors[i]);
       vm.protocol_error(plan.error_reasons[i]);
@@ -311,6 +323,11 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       continue;
     }
     req->batches_left = batches;
+    // The VM's own rate limit (vm_policy.h) schedules the whole request.
+    uint64_t request_bytes = 0;
+    for (const auto& v : plan.per_node)
+      for (const auto& t : v) request_bytes += t.length;
+    const auto due = s.rate_reserve(request_bytes);
     for (size_t n = 0; n < plan.per_node.size(); ++n) {
       if (plan.per_node[n].empty()) continue;
       uint64_t batch_bytes = 0;
@@ -344,11 +361,8 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
         }
         if (req->batches_left.fetch_sub(1) == 1) finish(*req);
       };
-      // Cheap work (a hugetlb request: tens of microseconds in the kernel)
-      // is done here, on the thread that took the kick: handing it to the
-      // node's pipeline and back would cost as much as the discard itself.
-      // Expensive work goes to the node's pipeline (node_pipeline.h).
-      if (!ctx.pipelines.try_run_inline(b)) ctx.pipelines.submit(std::move(b));
+      b.mode = mode;
+      s.run_batch_at(queue, due, std::move(b));
     }
   }
 }

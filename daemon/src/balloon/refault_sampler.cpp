@@ -42,7 +42,7 @@ int64_t range_resident_bytes(const MappedRegion& region, const uint8_t* addr, ui
 }
 
 void RefaultTracker::discarded(const std::shared_ptr<MappedRegion>& region, uint8_t* addr,
-                               uint64_t len, Clock::time_point now) {
+                               uint64_t len, Clock::time_point now, int64_t freed) {
   if (!region || !region->seek_fd || len == 0 || reinterpret_cast<uintptr_t>(addr) % kPage != 0 ||
       len % kPage != 0 || addr < region->map_base || len > region->map_len ||
       static_cast<uint64_t>(addr - region->map_base) > region->map_len - len)
@@ -51,6 +51,20 @@ void RefaultTracker::discarded(const std::shared_ptr<MappedRegion>& region, uint
   // A range discarded again supersedes older entries that overlap it.
   for (auto it = ring_.begin(); it != ring_.end();) {
     if (it->addr < addr + len && addr < it->addr + it->len) {
+      if (freed > 0 && now - it->at <= opts_.window) {
+        // What the new discard freed inside the old range was populated
+        // again since the old discard: a refault the sampler may not have
+        // seen. Freed bytes are spread evenly over the new range.
+        const uint64_t overlap = std::min(addr + len, it->addr + it->len) - std::max(addr, it->addr);
+        const uint64_t share = static_cast<uint64_t>(static_cast<double>(freed) * static_cast<double>(overlap) /
+                                                     static_cast<double>(len));
+        const uint64_t back = std::min(share, overlap);
+        if (back > it->counted) {
+          const auto age = std::chrono::duration_cast<std::chrono::seconds>(now - it->at).count();
+          credit_by_age_[static_cast<size_t>(std::clamp<int64_t>(age, 0, credit_by_age_.size() - 1))] +=
+              back - it->counted;
+        }
+      }
       bytes_ -= it->len;
       it = ring_.erase(it);
     } else {
@@ -69,7 +83,8 @@ void RefaultTracker::evict_locked() {
   }
 }
 
-uint64_t RefaultTracker::sample(Clock::time_point now) {
+uint64_t RefaultTracker::sample(Clock::time_point now, Clock::duration recent, uint64_t* recent_bytes) {
+  if (recent_bytes) *recent_bytes = 0;
   // Snapshot under the lock, read the files without it: discards never wait for a sample.
   std::vector<Entry> snap;
   {
@@ -92,6 +107,12 @@ uint64_t RefaultTracker::sample(Clock::time_point now) {
   }
   uint64_t added = 0;
   std::lock_guard lk(mu_);
+  const auto recent_s = std::chrono::duration_cast<std::chrono::seconds>(recent).count();
+  for (size_t age = 0; age < credit_by_age_.size(); ++age) {
+    added += credit_by_age_[age];
+    if (recent_bytes && static_cast<int64_t>(age) < std::max<int64_t>(recent_s, 1)) *recent_bytes += credit_by_age_[age];
+    credit_by_age_[age] = 0;
+  }
   for (const auto& s : seen) {
     auto it = std::lower_bound(ring_.begin(), ring_.end(), s.id,
                                [](const Entry& e, uint64_t id) { return e.id < id; });
@@ -104,6 +125,7 @@ uint64_t RefaultTracker::sample(Clock::time_point now) {
     const auto r = static_cast<uint64_t>(s.resident);
     if (r > it->counted) {
       added += r - it->counted;
+      if (recent_bytes && now - it->at <= recent) *recent_bytes += r - it->counted;
       it->counted = r;
     }
     if (it->counted >= it->len) {  // all of it is back: nothing more to count

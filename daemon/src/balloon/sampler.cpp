@@ -5,6 +5,7 @@
 #include <set>
 #include <utility>
 
+#include "fph/common/log.h"
 #include "fph/reclaim/discard.h"
 
 namespace fph::daemon {
@@ -54,7 +55,19 @@ void sample_session(Session& s) {
   vm.set_balloon(uint64_t{info.num_pages} << balloon::kPfnShift, uint64_t{info.actual} << balloon::kPfnShift);
   const uint64_t resident = table_resident_bytes(*s.table());
   vm.set_resident(resident);
-  vm.refaulted(s.refaults().sample());
+  // Refault backoff (refault_backoff.h) judges the VM once per sample, on
+  // what came back within its window of the discard.
+  auto& bo = s.backoff();
+  uint64_t recent = 0;
+  const uint64_t back = s.refaults().sample(RefaultTracker::Clock::now(), bo.window(), &recent);
+  vm.refaulted(back);
+  if (bo.refaulted(recent)) {
+    const auto snap = bo.snapshot();
+    log::info("backoff", "vm={} refaults {:.0f}% of what was discarded: holding discards off for {:.0f} s "
+              "(hold {})", info.name, snap.trigger_share * 100, snap.hold_left_seconds, snap.holds);
+  }
+  const auto snap = bo.snapshot();
+  vm.set_backoff(snap.state == RefaultBackoff::State::Holding, snap.holds, snap.share);
   // Headroom, once the guest has told us what it has free (stats queue).
   if (auto gs = s.stats().latest()) {
     if (auto free = gs->stats.get(balloon::StatTag::MemFree))

@@ -144,7 +144,9 @@ Expected<PolicyChange, AdminError> parse_policy_change(const json& args) {
                                             {"vm", ArgType::String},
                                             {"mode", ArgType::String},
                                             {"rate-limit", ArgType::UnsignedInteger},
-                                            {"paused", ArgType::Boolean}};
+                                            {"paused", ArgType::Boolean},
+                                            {"min-block", ArgType::UnsignedInteger},
+                                            {"backoff", ArgType::Boolean}};
   if (auto ok = check_args(args, spec); !ok) return unexpected(ok.error());
   PolicyChange c;
   if (args.contains("node")) {
@@ -162,14 +164,42 @@ Expected<PolicyChange, AdminError> parse_policy_change(const json& args) {
                                           "' is not one of eager, lazy, auto"));
     c.mode = m;
   }
-  if (args.contains("rate-limit")) c.rate_limit = args["rate-limit"].get<uint64_t>();
+  if (args.contains("rate-limit")) {
+    c.rate_limit = args["rate-limit"].get<uint64_t>();
+    if (*c.rate_limit > static_cast<uint64_t>(INT64_MAX))
+      return unexpected(invalid_parameter("argument 'rate-limit': out of range"));
+  }
   if (args.contains("paused")) c.paused = args["paused"].get<bool>();
-  if (c.vm && (c.mode || c.rate_limit))
-    return unexpected(invalid_parameter("'mode' and 'rate-limit' are per node (the node pipelines apply them); "
-                                        "a VM takes 'paused'"));
-  if (c.node && c.paused) return unexpected(invalid_parameter("'paused' is per VM"));
-  if (!c.mode && !c.rate_limit && !c.paused) return unexpected(invalid_parameter("nothing to change"));
+  if (args.contains("backoff")) c.backoff = args["backoff"].get<bool>();
+  if (args.contains("min-block")) {
+    const uint64_t b = args["min-block"].get<uint64_t>();
+    const std::string who = c.vm ? " of VM '" + *c.vm + "'" : "";
+    if (b > kMaxMinBlock)
+      return unexpected(invalid_parameter(fmt::format("argument 'min-block'{}: {} is more than {} (1 GiB)", who, b, kMaxMinBlock)));
+    if (b % 4096 != 0)
+      return unexpected(invalid_parameter(fmt::format("argument 'min-block'{}: {} is not a multiple of 4096", who, b)));
+    c.min_block = b;
+  }
+  if (c.node && (c.paused || c.min_block || c.backoff))
+    return unexpected(invalid_parameter("'paused', 'min-block' and 'backoff' are per VM (give 'vm')"));
+  if (!c.mode && !c.rate_limit && !c.paused && !c.min_block && !c.backoff)
+    return unexpected(invalid_parameter("nothing to change"));
   return c;
+}
+
+json vm_policy_json(const VmPolicy& p) {
+  return {{"rate-limit", p.rate_limit},
+          {"min-block", p.min_block},
+          {"mode", p.mode ? json(std::string(to_string(*p.mode))) : json(nullptr)},
+          {"paused", p.paused},
+          {"backoff", p.backoff}};
+}
+
+void apply_vm_policies(Server& server, const VmPolicyTable& table) {
+  for (const auto& s : server.sessions()) {
+    const VmPolicy p = table.resolve(s->name());
+    s->set_policy(p, table.backoff_for(p));
+  }
 }
 
 json vm_reclaim_json(VmMetrics& m, bool guest_stats) {
@@ -217,6 +247,19 @@ json guest_stats_json(const Session& s, const SessionInfo& i) {
   return out;
 }
 
+json backoff_json(RefaultBackoff& b) {
+  const auto snap = b.snapshot();
+  return {{"state", std::string(to_string(snap.state))},
+          {"enabled", snap.enabled},
+          {"share", std::round(snap.share * 1000) / 1000},
+          {"window-discarded", snap.window_discarded},
+          {"window-refaulted", snap.window_refaulted},
+          {"holds", snap.holds},
+          {"hold-left-seconds", std::round(snap.hold_left_seconds * 10) / 10},
+          {"next-hold-seconds", snap.next_hold.count()},
+          {"held-seconds", std::round(snap.held_seconds * 10) / 10}};
+}
+
 json session_json(Session& s) {
   const SessionInfo i = s.info();
   json j = {{"name", i.name},
@@ -236,7 +279,9 @@ json session_json(Session& s) {
                          {"actual", uint64_t{i.actual} << proto::balloon::kPfnShift}}},
             {"backend-channel", i.backend_channel},
             {"guest-stats", guest_stats_json(s, i)},
-            {"counters", {{"inflight", i.inflight}, {"requests", i.requests}}}};
+            {"policy", vm_policy_json(i.policy)},
+            {"backoff", backoff_json(s.backoff())},
+            {"counters", {{"inflight", i.inflight}, {"requests", i.requests}, {"deferred", i.deferred}}}};
   // Headroom only from this session's stats (the series outlive a session).
   const auto gs = s.stats().latest();
   j.update(vm_reclaim_json(s.metrics(), gs && gs->stats.get(proto::balloon::StatTag::MemFree)));
@@ -364,6 +409,11 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
     return [D, p](const json& args) -> AdminResult {
       auto s = need_vm(D->server, args);
       if (!s) return unexpected(no_vm(args["vm"].get<std::string>()));
+      if (D->vm_policy) {
+        VmPolicySettings o;
+        o.paused = p;
+        D->vm_policy->set_override(s->name(), o);
+      }
       s->set_paused(p);
       return json::object();
     };
@@ -420,15 +470,31 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
 
   d.add("set-policy",
         {{{"node", ArgType::UnsignedInteger}, {"vm", ArgType::String}, {"mode", ArgType::String},
-          {"rate-limit", ArgType::UnsignedInteger}, {"paused", ArgType::Boolean}},
+          {"rate-limit", ArgType::UnsignedInteger}, {"paused", ArgType::Boolean},
+          {"min-block", ArgType::UnsignedInteger}, {"backoff", ArgType::Boolean}},
          [D](const json& args) -> AdminResult {
            auto c = parse_policy_change(args);
            if (!c) return unexpected(c.error());
            if (c->vm) {
              auto s = D->server.find(*c->vm);
              if (!s) return unexpected(no_vm(*c->vm));
-             s->set_paused(*c->paused);
-             return json::object();
+             VmPolicySettings o;
+             o.rate_limit = c->rate_limit;
+             o.min_block = c->min_block;
+             o.mode = c->mode;
+             o.paused = c->paused;
+             o.backoff = c->backoff;
+             if (!D->vm_policy) {
+               if (c->rate_limit || c->min_block || c->mode || c->backoff)
+                 return unexpected(generic_error("this fphd has no per-VM policy table"));
+               s->set_paused(*c->paused);
+               return json::object();
+             }
+             // Kept by name until the next reload: a VM that reconnects keeps it.
+             D->vm_policy->set_override(*c->vm, o);
+             const VmPolicy p = D->vm_policy->resolve(*c->vm);
+             s->set_policy(p, D->vm_policy->backoff_for(p));
+             return vm_policy_json(p);
            }
            if (*c->node >= D->topology.node_count())
              return unexpected(device_not_found("no node " + std::to_string(*c->node) + " (" +
@@ -442,7 +508,8 @@ void add_daemon_commands(AdminDispatcher& d, AdminDeps deps) {
            if (D->on_policy_change) D->on_policy_change();
            return json::object();
          },
-         "node: mode eager|lazy|auto, rate-limit bytes/s; vm: paused"});
+         "node: mode eager|lazy|auto, rate-limit bytes/s; vm: the same, and paused, min-block bytes, "
+         "backoff (kept until the next reload)"});
 
   d.add("attach", {{{"name", ArgType::String, true}, {"path", ArgType::String, true}},
                    [D](const json& args) -> AdminResult {

@@ -2,12 +2,15 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include <fstream>
 #include <set>
 #include <sstream>
 #include <toml++/toml.h>
 
 #include "fph/common/log.h"
+#include "fph/common/size.h"
 
 namespace fph::daemon {
 
@@ -71,6 +74,55 @@ class Parser {
     if (s == "eager") return reclaim::PrivateMode::Eager;
     if (s == "lazy") return reclaim::PrivateMode::Lazy;
     fail(n, key, "'" + s + "' is not one of eager, lazy, auto");
+  }
+  // Bytes: an integer, or a string with a binary unit ("64M", "2GiB").
+  uint64_t bytes(const toml::node& n, const std::string& key, uint64_t lo, uint64_t hi) const {
+    uint64_t v = 0;
+    if (n.is_integer()) {
+      const int64_t i = *n.value<int64_t>();
+      if (i < 0) fail(n, key, fmt::format("{} is negative", i));
+      v = static_cast<uint64_t>(i);
+    } else if (n.is_string()) {
+      auto r = parse_size(*n.value<std::string>());
+      if (!r) fail(n, key, r.error());
+      v = *r;
+    } else {
+      fail(n, key, "must be a size: bytes, or a string like \"64M\"");
+    }
+    if (v < lo || v > hi) fail(n, key, fmt::format("{} is out of range [{}, {}]", v, lo, hi));
+    return v;
+  }
+  VmPolicySettings vm_settings(const toml::table& t, const std::string& key) const {
+    only_keys(t, key + ".", {"rate_limit", "min_block", "mode", "paused", "backoff"});
+    VmPolicySettings s;
+    if (const auto* n = t.get("rate_limit")) s.rate_limit = bytes(*n, key + ".rate_limit", 0, INT64_MAX);
+    if (const auto* n = t.get("min_block")) {
+      s.min_block = bytes(*n, key + ".min_block", 0, kMaxMinBlock);
+      if (*s.min_block % 4096 != 0) fail(*n, key + ".min_block", fmt::format("{} is not a multiple of 4096", *s.min_block));
+    }
+    if (const auto* n = t.get("mode")) s.mode = mode(*n, key + ".mode");
+    if (const auto* n = t.get("paused")) s.paused = boolean(*n, key + ".paused");
+    if (const auto* n = t.get("backoff")) s.backoff = boolean(*n, key + ".backoff");
+    return s;
+  }
+  BackoffConfig backoff(const toml::node& node) const {
+    const auto* t = node.as_table();
+    if (!t) fail(node, "policy.backoff", "must be a table");
+    only_keys(*t, "policy.backoff.", {"enabled", "threshold", "window_seconds", "min_discarded", "hold_seconds",
+                                      "max_hold_seconds"});
+    BackoffConfig b;
+    if (const auto* n = t->get("enabled")) b.enabled = boolean(*n, "policy.backoff.enabled");
+    if (const auto* n = t->get("threshold")) b.threshold = number(*n, "policy.backoff.threshold", 0.01, 1.0);
+    if (const auto* n = t->get("window_seconds"))
+      b.window = std::chrono::seconds(integer(*n, "policy.backoff.window_seconds", 1, RefaultBackoff::kMaxWindow));
+    if (const auto* n = t->get("min_discarded")) b.min_discarded = bytes(*n, "policy.backoff.min_discarded", 0, INT64_MAX);
+    if (const auto* n = t->get("hold_seconds")) b.hold = std::chrono::seconds(integer(*n, "policy.backoff.hold_seconds", 1, 86400));
+    if (const auto* n = t->get("max_hold_seconds"))
+      b.max_hold = std::chrono::seconds(integer(*n, "policy.backoff.max_hold_seconds", 1, 86400));
+    if (b.max_hold < b.hold)
+      fail(node, "policy.backoff.max_hold_seconds",
+           fmt::format("{} is less than hold_seconds ({})", b.max_hold.count(), b.hold.count()));
+    return b;
   }
   std::vector<NamedPath> named_paths(const toml::node& n, const std::string& key) const {
     const auto* arr = n.as_array();
@@ -142,7 +194,7 @@ class Parser {
       const auto* t = p->as_table();
       if (!t) fail(*p, "policy", "must be a table");
       only_keys(*t, "policy.", {"mode", "rate_limit", "prefer_madvise", "pressure_free_fraction",
-                                "pressure_psi_some_avg10", "node"});
+                                "pressure_psi_some_avg10", "node", "vm", "backoff"});
       auto& d = c.policy.defaults;
       if (const auto* n = t->get("mode")) d.mode = mode(*n, "policy.mode");
       if (const auto* n = t->get("rate_limit")) d.rate_limit_bytes_per_sec = static_cast<uint64_t>(integer(*n, "policy.rate_limit", 0, INT64_MAX));
@@ -166,6 +218,24 @@ class Parser {
           if (const auto* n = vt->get("rate_limit")) o.rate_limit = static_cast<uint64_t>(integer(*n, key + ".rate_limit", 0, INT64_MAX));
           c.policy.nodes[static_cast<int>(idx)] = o;
         }
+      }
+      if (const auto* n = t->get("backoff")) c.policy.backoff = backoff(*n);
+      if (const auto* vn = t->get("vm")) {
+        const auto* vt = vn->as_table();
+        if (!vt) fail(*vn, "policy.vm", "must be a table of [policy.vm.\"NAME\"] tables (NAME may be a glob: \"db-*\")");
+        for (const auto& [k, v] : *vt) {
+          const std::string pattern(k.str());
+          const std::string key = "policy.vm.\"" + pattern + "\"";
+          if (pattern.empty()) fail(v, key, "the VM name or pattern must not be empty");
+          const auto* t2 = v.as_table();
+          if (!t2) fail(v, key, "must be a table");
+          c.policy.vms.push_back({pattern, vm_settings(*t2, key)});
+        }
+        // toml++ keeps a table's keys sorted, not in file order: order the
+        // rules by where they were written (equal specificity: later wins).
+        std::stable_sort(c.policy.vms.begin(), c.policy.vms.end(), [&](const auto& a, const auto& b) {
+          return vt->get(a.pattern)->source().begin.line < vt->get(b.pattern)->source().begin.line;
+        });
       }
     }
     return c;

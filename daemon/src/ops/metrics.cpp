@@ -164,6 +164,21 @@ Metrics::Metrics(const std::string& bind, int nodes)
                     .Name("fphd_guest_resident_bytes")
                     .Help("Bytes the kernel holds for the VM's memory (allocated blocks of its region files, sampled).")
                     .Register(*registry_)),
+      backoff_(BuildGauge()
+                   .Name("fphd_vm_backoff")
+                   .Help("1 while fphd holds off discarding for the VM because it refaults what was discarded "
+                         "(refault backoff), else 0.")
+                   .Register(*registry_)),
+      backoff_holds_(BuildCounter()
+                         .Name("fphd_vm_backoff_holds_total")
+                         .Help("Refault backoff holds started for the VM (each one holds discards off for the hold time; "
+                               "a hold that follows a failed probe is twice as long as the one before).")
+                         .Register(*registry_)),
+      refault_share_(BuildGauge()
+                         .Name("fphd_vm_refault_share")
+                         .Help("Refaulted bytes over discarded bytes in the VM's backoff window (sampled; 0 when "
+                               "nothing was discarded in the window).")
+                         .Register(*registry_)),
       features_(BuildGauge()
                     .Name("fphd_vm_features")
                     .Help("Virtio and vhost-user feature bits the VM's front end acked (SET_FEATURES), as a number.")
@@ -361,6 +376,9 @@ VmMetrics::VmMetrics(Metrics& m, std::string vm, int nodes) : m_(m), vm_(std::mo
   inflight_ = &m_.inflight_.Add({{"vm", vm_}});
   guest_memory_ = &m_.guest_memory_.Add({{"vm", vm_}});
   resident_ = &m_.resident_.Add({{"vm", vm_}});
+  backoff_ = &m_.backoff_.Add({{"vm", vm_}});
+  backoff_holds_ = &m_.backoff_holds_.Add({{"vm", vm_}});
+  refault_share_ = &m_.refault_share_.Add({{"vm", vm_}});
   features_ = &m_.features_.Add({{"vm", vm_}});
   refaulted_ = &m_.refaulted_bytes_.Add({{"vm", vm_}});
   for (int n = 0; n < nodes; ++n) {
@@ -397,6 +415,9 @@ VmMetrics::~VmMetrics() {
   m_.inflight_.Remove(inflight_);
   m_.guest_memory_.Remove(guest_memory_);
   m_.resident_.Remove(resident_);
+  m_.backoff_.Remove(backoff_);
+  m_.backoff_holds_.Remove(backoff_holds_);
+  m_.refault_share_.Remove(refault_share_);
   m_.features_.Remove(features_);
   m_.refaulted_bytes_.Remove(refaulted_);
   for (auto* c : reclaimed_) m_.reclaimed_bytes_.Remove(c);
@@ -540,6 +561,13 @@ void VmMetrics::set_migration_state(std::string_view state) {
 void VmMetrics::set_inflight(int64_t n) { inflight_->Set(static_cast<double>(n)); }
 void VmMetrics::set_guest_memory(uint64_t b) { guest_memory_->Set(static_cast<double>(b)); }
 void VmMetrics::set_resident(uint64_t b) { resident_->Set(static_cast<double>(b)); }
+
+void VmMetrics::set_backoff(bool holding, uint64_t holds, double share) {
+  backoff_->Set(holding ? 1 : 0);
+  if (holds > backoff_holds_seen_) backoff_holds_->Increment(static_cast<double>(holds - backoff_holds_seen_));
+  backoff_holds_seen_ = holds;
+  refault_share_->Set(share);
+}
 void VmMetrics::set_features(uint64_t f) { features_->Set(static_cast<double>(f)); }
 void VmMetrics::refaulted(uint64_t b) {
   if (b) refaulted_->Increment(static_cast<double>(b));

@@ -28,6 +28,7 @@ void apply_policy(reclaim::PolicyTable& table, const PolicyConfig& p) {
   for (int n = 0; n < table.node_count(); ++n) table.set(n, p.for_node(n));
 }
 
+
 }  // namespace
 
 int run_daemon(RunOptions opts) {
@@ -128,6 +129,9 @@ int run_daemon(RunOptions opts) {
     log::info("fphd", "{} balloon target(s) loaded from {}", *n, balloon_targets.path());
   }
   ctx.balloon_targets = &balloon_targets;
+  VmPolicyTable vm_policy;
+  vm_policy.set_rules(cfg.policy.vms, cfg.policy.backoff);
+  ctx.vm_policy = &vm_policy;
   Server server(ctx, scfg);
   if (auto r = server.start(); !r) {
     std::cerr << "fphd: " << r.error() << "\n";
@@ -141,7 +145,7 @@ int run_daemon(RunOptions opts) {
 
   const std::string version(daemon_version());
   AdminDispatcher admin_cmds;
-  add_daemon_commands(admin_cmds, {server, topo, policy, pipelines, probe, version, {}, &balloon_targets});
+  add_daemon_commands(admin_cmds, {server, topo, policy, pipelines, probe, version, {}, &balloon_targets, &vm_policy});
   AdminServer admin(admin_cmds, version);
   if (admin_fd >= 0) {
     (void)admin.start_fd(UniqueFd(admin_fd), admin_path);
@@ -201,11 +205,15 @@ int run_daemon(RunOptions opts) {
     }
     if (opts.apply_cli) opts.apply_cli(*next);
     apply_policy(policy, next->policy);
+    // The file is the truth again for every VM: admin changes are dropped.
+    vm_policy.set_rules(next->policy.vms, next->policy.backoff);
+    apply_vm_policies(server, vm_policy);
     if (log::parse_level(next->log_level, &lvl)) log::set_level(lvl);
-    log::info("fphd", "reloaded {}: policy mode={} rate-limit={} B/s ({} node override(s)); "
-              "sockets and threads change only on restart",
+    log::info("fphd", "reloaded {}: policy mode={} rate-limit={} B/s ({} node override(s), {} VM "
+              "rule(s), backoff {}); sockets and threads change only on restart",
               opts.config_path, to_string(next->policy.defaults.mode),
-              next->policy.defaults.rate_limit_bytes_per_sec, next->policy.nodes.size());
+              next->policy.defaults.rate_limit_bytes_per_sec, next->policy.nodes.size(),
+              next->policy.vms.size(), next->policy.backoff.enabled ? "on" : "off");
     notify("READY=1\nSTATUS=configuration reloaded");
   }
   notify("STOPPING=1\nSTATUS=draining");

@@ -79,6 +79,10 @@ Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
                 (uint64_t{*t} << balloon::kPfnShift) >> 20);
     }
   }
+  if (ctx_.vm_policy) {
+    const VmPolicy p = ctx_.vm_policy->resolve(name_);
+    set_policy(p, ctx_.vm_policy->backoff_for(p));
+  }
 }
 
 Session::~Session() {
@@ -107,8 +111,80 @@ void Session::yank() {
 }
 
 void Session::set_paused(bool p) {
+  {
+    std::lock_guard lk(mu_);
+    policy_.paused = p;
+  }
   paused_ = p;
   log::info("session", "vm={} reclaim {}", name_, p ? "paused" : "resumed");
+}
+
+void Session::set_policy(const VmPolicy& p, const BackoffConfig& backoff) {
+  VmPolicy before;
+  {
+    std::lock_guard lk(mu_);
+    before = policy_;
+    policy_ = p;
+  }
+  paused_ = p.paused;
+  backoff_->configure(backoff);
+  if (before != p)
+    log::info("session", "vm={} policy: rate-limit={} B/s min-block={} mode={} paused={} backoff={}", name_,
+              p.rate_limit, p.min_block,
+              !p.mode ? "node" : *p.mode == reclaim::PrivateMode::Eager ? "eager"
+                               : *p.mode == reclaim::PrivateMode::Lazy  ? "lazy" : "auto",
+              p.paused,
+              p.backoff ? "on" : "off");
+}
+
+VmPolicy Session::policy() const {
+  std::lock_guard lk(mu_);
+  return policy_;
+}
+
+std::chrono::steady_clock::time_point Session::rate_reserve(uint64_t bytes) {
+  uint64_t rate;
+  {
+    std::lock_guard lk(mu_);
+    rate = policy_.rate_limit;
+  }
+  return rate_.reserve(bytes, rate);
+}
+
+void Session::run_batch_at(uint32_t queue, std::chrono::steady_clock::time_point due, reclaim::Batch b) {
+  if (due > std::chrono::steady_clock::now()) {
+    // Over the VM's rate: the request waits here, on its own session, not
+    // in the node pipeline where it would hold up every other VM's work.
+    deferred_.push_back({due, queue, std::move(b)});
+    deferred_count_.store(static_cast<int>(deferred_.size()), std::memory_order_relaxed);
+    return;
+  }
+  // Cheap work (a hugetlb request: tens of microseconds in the kernel) is
+  // done here, on the thread that took the kick: handing it to the node's
+  // pipeline and back would cost as much as the discard itself. Expensive
+  // work goes to the node's pipeline (node_pipeline.h).
+  if (!ctx_.pipelines.try_run_inline(b)) ctx_.pipelines.submit(std::move(b));
+}
+
+void Session::run_deferred(bool all, int queue) {
+  if (deferred_.empty()) return;
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<reclaim::Batch> ready;
+  std::erase_if(deferred_, [&](DeferredBatch& d) {
+    const bool go = d.due <= now || (all && (queue < 0 || d.queue == static_cast<uint32_t>(queue)));
+    if (go) ready.push_back(std::move(d.batch));
+    return go;
+  });
+  deferred_count_.store(static_cast<int>(deferred_.size()), std::memory_order_relaxed);
+  for (auto& b : ready)
+    if (!ctx_.pipelines.try_run_inline(b)) ctx_.pipelines.submit(std::move(b));
+}
+
+std::optional<std::chrono::steady_clock::time_point> Session::next_deferred() const {
+  std::optional<std::chrono::steady_clock::time_point> t;
+  for (const auto& d : deferred_)
+    if (!t || d.due < *t) t = d.due;
+  return t;
 }
 
 Expected<void, std::string> Session::set_num_pages(uint32_t pages) {
@@ -152,6 +228,8 @@ SessionInfo Session::info() const {
   i.yanked = yanked_;
   i.stats_negotiated = features_ & balloon::kFStatsVq;
   i.stats_held = stats_.holding_locked();
+  i.policy = policy_;
+  i.deferred = deferred_count_.load(std::memory_order_relaxed);
   bool any_started = false;
   for (const auto& v : vrings_) {
     i.requests += v.requests;
@@ -177,6 +255,10 @@ reclaim::SkipReason Session::skip_reason(uint32_t queue) const {
   if (logging_locked() && !discard_while_logging_) return reclaim::SkipReason::Migrating;
   if (queue < kMaxQueues && !vrings_[queue].enabled)
     return reclaim::SkipReason::Stopped;  // started + disabled: no side effects (vu-doc)
+  // Backoff concerns what the guest offers: pages the host asked for with
+  // the balloon target (inflate) are always taken.
+  if (static_cast<int>(queue) == layout_.reporting && backoff_->holding())
+    return reclaim::SkipReason::Backoff;
   return reclaim::SkipReason::None;
 }
 
@@ -193,6 +275,9 @@ void Session::run() {
   if (!stopping_ || yanked_) cancel_->store(true);
   ::shutdown(sock_.get(), SHUT_RDWR);  // the peer sees EOF now, not when we are destroyed
   transfer_.reset();  // ends at its deadline at the latest (at once if cancelled)
+  // Requests waiting for the VM's rate limit go now: cancelled if the
+  // front end is gone (the token is set above), completed if we stop.
+  run_deferred(true);
   std::unique_lock lk(mu_);
   release_stats_locked(-1);  // a held stats buffer is never waited for
   for (auto& v : vrings_) v.started = false;
@@ -214,11 +299,14 @@ bool Session::serve_one() {
       }
     }
   }
-  // The stats queue's timer: wake up when the held stats buffer is due.
+  // The stats queue's timer (the held stats buffer is due) and the rate
+  // limit's (a deferred request is due): the earlier one.
   int timeout_ms = -1;
   {
     std::lock_guard lk(mu_);
-    if (auto due = stats_.deadline_locked()) {
+    auto due = stats_.deadline_locked();
+    if (auto d = next_deferred(); d && (!due || *d < *due)) due = d;
+    if (due) {
       const auto left = std::chrono::ceil<std::chrono::milliseconds>(*due - StatsService::Clock::now());
       timeout_ms = static_cast<int>(std::clamp<int64_t>(left.count(), 0, 60'000));
     }
@@ -231,6 +319,7 @@ bool Session::serve_one() {
   }
   if (fds[1].revents) return false;  // request_stop
   request_stats_if_due();
+  run_deferred(false);
   // A fault since the last pass (a completion's used-ring write on a
   // pipeline thread, the stats timer's just above) closes the session here.
   if (check_memory_faults()) return false;
@@ -494,6 +583,9 @@ int Session::exported_inflight_locked() const {
 }
 
 void Session::stop_ring(uint32_t idx) {
+  // Requests of this ring waiting for the VM's rate limit are in flight:
+  // they run now, so the wait below ends.
+  run_deferred(true, static_cast<int>(idx));
   std::unique_lock lk(mu_);
   Vring& v = vrings_[idx];
   // The stats queue's buffer is held until the next request: return it now,

@@ -89,8 +89,19 @@ TEST(Admin, PolicyChange) {
   EXPECT_NE(bad({{"mode", "eager"}}).find("exactly one"), std::string::npos);
   EXPECT_NE(bad({{"node", 0}, {"vm", "a"}, {"mode", "eager"}}).find("exactly one"), std::string::npos);
   EXPECT_NE(bad({{"node", 0}}).find("nothing to change"), std::string::npos);
-  EXPECT_NE(bad({{"vm", "a"}, {"mode", "lazy"}}).find("per node"), std::string::npos);
+  // A VM takes its own mode, rate limit, minimum block and backoff too.
+  auto vm2 = parse_policy_change({{"vm", "a"}, {"mode", "lazy"}, {"rate-limit", 1 << 20},
+                                  {"min-block", 4 << 20}, {"backoff", false}});
+  ASSERT_TRUE(vm2);
+  EXPECT_EQ(*vm2->mode, fph::reclaim::PrivateMode::Lazy);
+  EXPECT_EQ(*vm2->min_block, 4u << 20);
+  EXPECT_FALSE(*vm2->backoff);
   EXPECT_NE(bad({{"node", 0}, {"paused", true}}).find("per VM"), std::string::npos);
+  EXPECT_NE(bad({{"node", 0}, {"min-block", 4096}}).find("per VM"), std::string::npos);
+  // A bad setting names the argument and the VM.
+  EXPECT_NE(bad({{"vm", "db1"}, {"min-block", 3000}}).find("argument 'min-block' of VM 'db1': 3000 is not a multiple of 4096"),
+            std::string::npos);
+  EXPECT_NE(bad({{"vm", "db1"}, {"min-block", 4ull << 30}}).find("of VM 'db1'"), std::string::npos);
   EXPECT_NE(bad({{"node", -1}, {"mode", "lazy"}}).find("'node'"), std::string::npos);
   EXPECT_NE(bad({{"node", 0}, {"rate-limit", "fast"}}).find("'rate-limit'"), std::string::npos);
 }

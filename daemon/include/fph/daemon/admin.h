@@ -33,6 +33,7 @@
 #include "fph/common/expected.h"
 #include "fph/common/unique_fd.h"
 #include "fph/daemon/balloon_targets.h"
+#include "fph/daemon/vm_policy.h"
 #include "fph/reclaim/policy.h"
 
 namespace fph::reclaim {
@@ -98,9 +99,13 @@ struct PolicyChange {
   std::optional<reclaim::PrivateMode> mode;
   std::optional<uint64_t> rate_limit;  // bytes per second, 0 = unlimited
   std::optional<bool> paused;          // vm only
+  std::optional<uint64_t> min_block;   // vm only: bytes, multiple of 4096, <= 1 GiB
+  std::optional<bool> backoff;         // vm only: refault backoff on or off
 };
 Expected<PolicyChange, AdminError> parse_policy_change(const nlohmann::json& args);
 std::string_view to_string(reclaim::PrivateMode m);
+// A VM's resolved policy as query-sessions and set-policy show it.
+nlohmann::json vm_policy_json(const VmPolicy& p);
 // "eager" | "lazy" | "auto"
 std::optional<reclaim::PrivateMode> parse_private_mode(std::string_view s);
 
@@ -125,8 +130,12 @@ struct AdminDeps {
   std::function<void()> on_policy_change;
   // Optional: balloon targets are remembered here (set-balloon).
   BalloonTargets* balloon_targets = nullptr;
+  // Optional: per-VM policy (set-policy vm=...); without it a VM takes only 'paused'.
+  VmPolicyTable* vm_policy = nullptr;
 };
 void add_daemon_commands(AdminDispatcher& d, AdminDeps deps);
+// Applies the table's policy to every connected VM (reload, set-policy).
+void apply_vm_policies(Server& server, const VmPolicyTable& table);
 
 // The socket: one thread serving every client with poll(); commands never
 // wait on a session, so a hung VM cannot hang the admin socket.

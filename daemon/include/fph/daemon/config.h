@@ -11,7 +11,9 @@
 #include <vector>
 
 #include "fph/common/expected.h"
+#include "fph/daemon/refault_backoff.h"
 #include "fph/daemon/server.h"
+#include "fph/daemon/vm_policy.h"
 #include "fph/reclaim/policy.h"
 
 namespace fph::daemon {
@@ -24,6 +26,8 @@ struct NodePolicyOverride {
 struct PolicyConfig {
   reclaim::NodePolicy defaults;                  // [policy]
   std::map<int, NodePolicyOverride> nodes;       // [policy.node.N]
+  std::vector<VmPolicyRule> vms;                 // [policy.vm."NAME or PATTERN"], file order
+  BackoffConfig backoff;                         // [policy.backoff]
   // The policy of node `n`: the defaults with that node's overrides applied.
   reclaim::NodePolicy for_node(int n) const;
 };

@@ -31,7 +31,7 @@
 namespace fph::daemon {
 
 inline constexpr size_t kMethods = 4;    // reclaim::Method values
-inline constexpr size_t kSkipReasons = 10;  // reclaim::SkipReason values
+inline constexpr size_t kSkipReasons = 12;  // reclaim::SkipReason values
 
 // Request outcomes: every request ends in exactly one.
 enum class RequestOutcome : uint8_t { Discarded, Partial, Skipped, Invalid, Cancelled };
@@ -83,6 +83,10 @@ class VmMetrics {
   void freed_nothing(int node);
   void refaulted(uint64_t bytes);
   void set_resident(uint64_t bytes);
+  // Refault backoff (refault_backoff.h): 1 while discards are held off, the
+  // holds started (cumulative, from the session's backoff), the refaulted
+  // share of the window.
+  void set_backoff(bool holding, uint64_t holds, double share);
   void set_features(uint64_t features);
   // `state` empty: still negotiating (every state series 0). `reason` only
   // for Disabled.
@@ -126,6 +130,10 @@ class VmMetrics {
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Gauge* guest_memory_ = nullptr;
   prometheus::Gauge* resident_ = nullptr;
+  prometheus::Gauge* backoff_ = nullptr;
+  prometheus::Counter* backoff_holds_ = nullptr;
+  uint64_t backoff_holds_seen_ = 0;  // sampler thread only
+  prometheus::Gauge* refault_share_ = nullptr;
   prometheus::Gauge* features_ = nullptr;
   prometheus::Counter* refaulted_ = nullptr;
   std::vector<prometheus::Counter*> reclaimed_;      // [node]
@@ -213,6 +221,9 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& node_discarded_;
   prometheus::Family<prometheus::Counter>& node_reclaimed_;
   prometheus::Family<prometheus::Gauge>& resident_;
+  prometheus::Family<prometheus::Gauge>& backoff_;
+  prometheus::Family<prometheus::Counter>& backoff_holds_;
+  prometheus::Family<prometheus::Gauge>& refault_share_;
   prometheus::Family<prometheus::Gauge>& features_;
   prometheus::Family<prometheus::Gauge>& reclaim_state_;
   prometheus::Family<prometheus::Gauge>& reclaim_disabled_;

@@ -49,9 +49,11 @@ struct RequestPlan {
 // Balloon inflate chains carry arrays of le32 PFNs (4 KiB units) in readable
 // buffers; reporting chains carry device-writable buffers that ARE the free
 // ranges. `pfns` is filled from guest memory for inflate (read once).
+// `min_block` (the VM's policy, reporting only): a reported range shorter
+// than this is skipped as SkipReason::Small, without a discard.
 RequestPlan plan_request(const proto::vq::Chain& chain, proto::balloon::QueueRole role,
                          const MemoryTable& table, reclaim::SkipReason session_skip,
-                         const reclaim::Topology& topo);
+                         const reclaim::Topology& topo, uint64_t min_block = 0);
 
 // The fphd_protocol_errors_total reason for a chain error
 // (`chain_too_long`, ...); the proto text is for humans.

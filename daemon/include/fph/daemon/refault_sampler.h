@@ -11,6 +11,13 @@
 // discards, or discarded again (the newer entry replaces it, so one refault
 // is never counted twice).
 //
+// A range discarded again before any sample saw it come back (a guest that
+// frees, reuses and frees a block within a second) is still counted: the
+// new discard freed memory there (measured around the syscall, `freed`), so
+// the guest had populated it again since the old discard. Its share of what
+// the new discard freed, less what the sampler already counted for the old
+// entry, is credited as refaulted at the next sample.
+//
 // How: lseek(SEEK_DATA) on fphd's own file description finds the first page
 // at or after the range's start, skipping empty xarray nodes, so a range that
 // is still a hole (the common case) costs one syscall; from that page on,
@@ -27,6 +34,7 @@
 // are not seen.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -50,11 +58,17 @@ class RefaultTracker {
 
   // [addr, addr+len) of `region`'s mapping was discarded (pipeline threads).
   // Page-aligned; anything else is ignored.
+  // `freed`: bytes the discard freed (its verified outcome); -1 if unknown.
   void discarded(const std::shared_ptr<MappedRegion>& region, uint8_t* addr, uint64_t len,
-                 Clock::time_point now = Clock::now());
+                 Clock::time_point now = Clock::now(), int64_t freed = -1);
   // Samples every tracked range; returns the bytes newly found resident since
   // the previous sample (the refault counter's increment). One sampler thread.
-  uint64_t sample(Clock::time_point now = Clock::now());
+  // `recent_bytes` (optional) gets the part of them from ranges discarded at
+  // most `recent` ago: what the refault backoff judges (refault_backoff.h), so
+  // a VM that reuses its memory a minute after freeing it is not taken for
+  // one that reuses it within seconds.
+  uint64_t sample(Clock::time_point now = Clock::now(), Clock::duration recent = Clock::duration::zero(),
+                  uint64_t* recent_bytes = nullptr);
 
   size_t tracked_ranges() const;
   uint64_t tracked_bytes() const;
@@ -69,6 +83,9 @@ class RefaultTracker {
     uint64_t counted;  // refaulted bytes of this range already counted
   };
   void evict_locked();
+  // Refaults found by a re-discard, by the age of the discard they came back
+  // after (whole seconds), until the next sample takes them.
+  std::array<uint64_t, 122> credit_by_age_{};
   Options opts_;
   mutable std::mutex mu_;
   std::deque<Entry> ring_;  // oldest first, ids ascending

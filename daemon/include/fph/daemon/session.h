@@ -26,9 +26,11 @@
 #include "fph/daemon/dirty_log.h"
 #include "fph/daemon/guest_memory.h"
 #include "fph/daemon/metrics.h"
+#include "fph/daemon/refault_backoff.h"
 #include "fph/daemon/refault_sampler.h"
 #include "fph/daemon/state_transfer.h"
 #include "fph/daemon/stats_service.h"
+#include "fph/daemon/vm_policy.h"
 #include "fph/daemon/vring.h"
 #include "fph/proto/balloon.h"
 #include "fph/proto/channel.h"
@@ -55,6 +57,9 @@ struct DaemonContext {
   // Balloon targets by VM name (admin set-balloon), restored when a VM of
   // that name connects; null: not kept.
   BalloonTargets* balloon_targets = nullptr;
+  // Per-VM policy (vm_policy.h), resolved when a VM connects and applied
+  // again on reload and admin changes; null: node policy only.
+  VmPolicyTable* vm_policy = nullptr;
 };
 
 // Features fphd offers (reference 1.1, 4.4). EVENT_IDX is not offered (we
@@ -141,6 +146,8 @@ struct SessionInfo {
   bool yanked = false;
   bool stats_negotiated = false;  // STATS_VQ acked
   bool stats_held = false;        // the driver's stats buffer is held (in flight)
+  VmPolicy policy;                // the VM's own policy (vm_policy.h)
+  int deferred = 0;               // requests waiting for the VM's rate limit
 };
 
 class Session : public std::enable_shared_from_this<Session> {
@@ -166,6 +173,10 @@ class Session : public std::enable_shared_from_this<Session> {
   const std::string& name() const { return name_; }
   SessionInfo info() const;
   void set_paused(bool paused);
+  // The VM's own policy (vm_policy.h) and its backoff configuration; from
+  // any thread. Takes effect for requests taken from now on.
+  void set_policy(const VmPolicy& p, const BackoffConfig& backoff);
+  VmPolicy policy() const;
   // Writes the balloon target (config num_pages, 4 KiB pages) and tells the
   // driver through the back-end channel. The config is changed even if the
   // notification cannot be sent (the driver reads it at its next config
@@ -196,13 +207,24 @@ class Session : public std::enable_shared_from_this<Session> {
 
   VmMetrics& metrics() { return *vm_metrics_; }
   RefaultTracker& refaults() { return *refaults_; }
+  RefaultBackoff& backoff() { return *backoff_; }
   std::shared_ptr<const MemoryTable> table() const;
   DaemonContext& context() { return ctx_; }
   const StatsService& stats() const { return stats_; }
 
   // Session-level reason to not discard right now (poison, paused, ring
-  // disabled), or SkipReason::None.
+  // disabled, refault backoff on the reporting queue), or SkipReason::None.
+  // Called with the session lock held by the queue service.
   reclaim::SkipReason skip_reason(uint32_t queue) const;
+  // The VM policy's minimum reported block (0: any); session lock held.
+  uint64_t min_block_locked() const { return policy_.min_block; }
+  std::optional<reclaim::PrivateMode> private_mode_locked() const { return policy_.mode; }
+  // The VM's rate limit (queue service, session thread): when a request of
+  // `bytes` may start. Now when the VM has no rate limit of its own.
+  std::chrono::steady_clock::time_point rate_reserve(uint64_t bytes);
+  // Queue service, session thread: runs `b` (inline if cheap, else on the
+  // node pipeline) at `due`, or now if `due` has passed.
+  void run_batch_at(uint32_t queue, std::chrono::steady_clock::time_point due, reclaim::Batch b);
   std::shared_ptr<std::atomic<bool>> cancel_token() const { return cancel_; }
 
  private:
@@ -230,6 +252,10 @@ class Session : public std::enable_shared_from_this<Session> {
   int exported_inflight_locked() const;  // inflight_total_ minus the held stats chain
   void wait_inflight(uint32_t idx, std::unique_lock<std::mutex>& lk);
   void service_kick(uint32_t idx);
+  // Batches waiting for the VM's rate limit (session thread only): runs
+  // those due (all of them for `queue`, or all if queue < 0 and `all`).
+  void run_deferred(bool all, int queue = -1);
+  std::optional<std::chrono::steady_clock::time_point> next_deferred() const;
   // A region of this VM's memory took a SIGBUS (the front end shrank its
   // file, memory_guard.h): logs and counts it once and closes the session.
   // Returns true if the session is closing for it. Takes mu_.
@@ -265,6 +291,16 @@ class Session : public std::enable_shared_from_this<Session> {
   std::string name_;
   std::shared_ptr<VmMetrics> vm_metrics_;
   std::shared_ptr<RefaultTracker> refaults_ = std::make_shared<RefaultTracker>();
+  std::shared_ptr<RefaultBackoff> backoff_ = std::make_shared<RefaultBackoff>();
+  // Session thread only: the VM's rate limit and what waits for it.
+  VmRateLimiter rate_;
+  struct DeferredBatch {
+    std::chrono::steady_clock::time_point due;
+    uint32_t queue;
+    reclaim::Batch batch;
+  };
+  std::vector<DeferredBatch> deferred_;
+  std::atomic<int> deferred_count_{0};
   std::shared_ptr<std::atomic<bool>> cancel_ = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> stopping_{false};
   std::atomic<bool> paused_{false};
@@ -288,6 +324,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Vring vrings_[kMaxQueues];
   int inflight_total_ = 0;
   StatsService stats_;  // its held chain is guarded by mu_
+  VmPolicy policy_;     // the VM's own policy
 
   // Migration, guarded by mu_.
   std::shared_ptr<DirtyLog> log_;  // SET_LOG_BASE

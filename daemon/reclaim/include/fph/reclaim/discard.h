@@ -41,6 +41,8 @@ enum class SkipReason : uint8_t {
   Unsupported,  // no primitive for this backing/method combination
   Cancelled,    // session torn down before the work ran
   Migrating,    // dirty logging on and the VM's policy holds discards while migrating (session level)
+  Small,        // a reported block below the VM's minimum block size (VM policy)
+  Backoff,      // the VM refaults what was discarded: discards held off for a while (VM policy)
 };
 
 std::string_view to_string(Backing b);

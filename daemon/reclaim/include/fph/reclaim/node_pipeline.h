@@ -54,6 +54,9 @@ struct Batch {
   // Optional: a batch whose token reads true when its turn comes is not
   // discarded but completed with cancelled = true (session yanked / stopped).
   std::shared_ptr<std::atomic<bool>> cancel;
+  // Optional: the private-memory mode of the VM the batch is for (its own
+  // policy), instead of the node's.
+  std::optional<PrivateMode> mode;
 };
 
 struct PipelineOptions {

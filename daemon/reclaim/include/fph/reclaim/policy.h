@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "fph/reclaim/discard.h"
@@ -58,7 +59,9 @@ class PolicyTable {
   void set(int node, const NodePolicy& p);
   int node_count() const;
   // The method for a range on `node` given the node's memory state.
-  Method choose(Backing b, int node, const NodeMemory& m) const;
+  // `mode` overrides the node's private-memory mode (a VM's own policy).
+  Method choose(Backing b, int node, const NodeMemory& m,
+                std::optional<PrivateMode> mode = std::nullopt) const;
 
  private:
   mutable std::mutex mu_;
