@@ -10,6 +10,7 @@
 #include <cmath>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -223,12 +224,27 @@ TEST_F(LinuxGuests, ThreeGuestsGiveBackWhatTheyFree) {
 // The back-end channel with a real driver: `set-balloon` (bytes) writes the
 // balloon target and sends CONFIG_CHANGE_MSG; Linux's virtio_balloon
 // inflates (its pages come to fphd on the inflate queue and are discarded)
-// and writes `actual`; a target of 0 deflates again. A target larger than
-// the guest is refused.
+// and writes `actual`; the host backing falls by what was inflated, measured
+// from the kernel; a target of 0 deflates again. A target larger than the
+// guest is refused.
+//
+// So that the balloon's pages are backed, nothing the guest reports is
+// discarded: a per-VM policy (every VM, min_block 1 GiB: a real kernel
+// reports at most 4 MiB blocks) returns reports as "small", while inflated
+// pages (the host asked for them) are discarded. The workload writes 400 MiB
+// and frees 384 MiB, all still backed. Every inflated page was either backed
+// (its discard lowers the backing) or never touched; at most guest memory
+// minus the backing before inflating can be of the second kind, which bounds
+// the fall from below.
 TEST_F(LinuxGuests, BalloonTargetThroughTheBackendChannel) {
   const std::string admin = dir_.path + "/admin.sock";
-  Fphd fphd(dir_, {"--admin-socket", admin});
-  UmlGuest& g = boot(fphd.socket, "guest1", workload_args(32, 16, 8, 7));
+  const std::string config = dir_.path + "/fphd.toml";
+  {
+    std::ofstream f(config);
+    f << "[policy.vm.\"*\"]\nmin_block = \"1G\"\n";
+  }
+  Fphd fphd(dir_, {"--admin-socket", admin, "--config", config});
+  UmlGuest& g = boot(fphd.socket, "guest1", workload_args(400, 16, 8, 7));
   ASSERT_NO_FATAL_FAILURE(expect_booted(true));
   ASSERT_TRUE(g.wait_marker("waiting", {{"phase", "allocated"}}, kPhase)) << g.console_tail();
   auto client = ctl::AdminClient::connect(admin);
@@ -242,6 +258,7 @@ TEST_F(LinuxGuests, BalloonTargetThroughTheBackendChannel) {
   };
   ASSERT_TRUE(eventually([&] { return !session().is_null(); }, 30s));
   EXPECT_TRUE(session()["backend-channel"].get<bool>());
+  EXPECT_EQ(session()["policy"]["min-block"], 1ull << 30) << session().dump();
   const uint64_t memory = session()["memory"].get<uint64_t>();
 
   auto too_big = client->execute("set-balloon", {{"vm", g.vm_name()}, {"target", memory + 4096}});
@@ -249,19 +266,41 @@ TEST_F(LinuxGuests, BalloonTargetThroughTheBackendChannel) {
   ASSERT_TRUE(too_big->contains("error")) << too_big->dump();
   EXPECT_NE((*too_big)["error"]["desc"].get<std::string>().find("more than VM"), std::string::npos);
 
-  const double discarded_before = metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", g.vm_name()}});
-  constexpr uint64_t kTarget = 64ull * 1024 * 1024 / 4096;  // 64 MiB
+  // The workload frees 384 MiB; the kernel reports it, fphd returns it undiscarded.
+  g.send_line();
+  ASSERT_TRUE(g.wait_marker("waiting", {{"phase", "freed"}}, kPhase)) << g.console_tail();
+  EXPECT_TRUE(eventually([&] {
+    return metric_sum(fphd.scrape(), "fphd_skipped_bytes_total", {{"vm", g.vm_name()}, {"reason", "small"}}) >=
+           256.0 * 1024 * 1024;
+  }, kReclaim)) << fphd.scrape();
+  EXPECT_EQ(metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", g.vm_name()}}), 0);
+  const int64_t before = g.ram_bytes();
+  ASSERT_GT(before, 384ll << 20) << "the freed memory must still be backed";
+
+  constexpr uint64_t kTarget = 256ull * 1024 * 1024 / 4096;  // 256 MiB
   auto set = client->execute("set-balloon", {{"vm", g.vm_name()}, {"target", kTarget * 4096}});
   ASSERT_TRUE(set);
   ASSERT_TRUE(set->contains("return")) << set->dump();
   EXPECT_TRUE((*set)["return"]["notified"].get<bool>()) << set->dump();
   EXPECT_TRUE(eventually([&] { return session()["actual"] == kTarget; }, kReclaim))
       << "actual " << session()["actual"] << "\n" << g.console_tail() << fphd.proc->stderr_text();
-  // The inflated pages were discarded (fphd's count; whether they were
-  // backed depends on whether the guest had reported them already).
-  EXPECT_GE(metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", g.vm_name()}}) - discarded_before,
+  // The host backing fell by what was inflated, less what can have been
+  // never-touched memory (and 4 MiB for the guest's own activity meanwhile).
+  const int64_t untouched = static_cast<int64_t>(memory) - before;
+  const int64_t want = static_cast<int64_t>(kTarget * 4096) - std::max<int64_t>(untouched, 0) - (4ll << 20);
+  int64_t after = before;
+  EXPECT_TRUE(eventually([&] {
+    after = g.ram_bytes();
+    return before - after >= want;
+  }, 30s)) << "backing " << (before >> 20) << " -> " << (after >> 20) << " MiB; want a fall of at least "
+           << (want >> 20) << " MiB (guest memory " << (memory >> 20) << " MiB)";
+  std::printf("balloon: backing %lld -> %lld MiB after inflating %llu MiB (guest memory %llu MiB)\n",
+              static_cast<long long>(before >> 20), static_cast<long long>(after >> 20),
+              static_cast<unsigned long long>(kTarget >> 8), static_cast<unsigned long long>(memory >> 20));
+  // The inflated pages were discarded, counted apart from free page
+  // reporting, and the driver's own word on it.
+  EXPECT_GE(metric_sum(fphd.scrape(), "fphd_discarded_bytes_total", {{"vm", g.vm_name()}}),
             static_cast<double>(kTarget * 4096));
-  // Counted apart from free page reporting, and the driver's own word on it.
   EXPECT_GE(metric_sum(fphd.scrape(), "fphd_balloon_bytes_total", {{"vm", g.vm_name()}, {"direction", "inflate"}}),
             static_cast<double>(kTarget * 4096));
   EXPECT_TRUE(eventually([&] {
@@ -275,7 +314,6 @@ TEST_F(LinuxGuests, BalloonTargetThroughTheBackendChannel) {
   EXPECT_GE(metric_sum(fphd.scrape(), "fphd_balloon_bytes_total", {{"vm", g.vm_name()}, {"direction", "deflate"}}),
             static_cast<double>(kTarget * 4096));
   EXPECT_EQ(metric_sum(fphd.scrape(), "fphd_protocol_errors_total"), 0) << fphd.proc->stderr_text();
-  g.send_line();  // the workload frees, then verifies and reallocates
   ASSERT_NO_FATAL_FAILURE(finish_and_verify("freed"));
 }
 

@@ -319,6 +319,36 @@ TEST_F(Pipelines, MethodFollowsEachNodesPolicyAndMemory) {
   }
 }
 
+// A VM's own private-memory mode (Batch::mode, the per-VM policy) wins over
+// its node's, for that batch only; shared memory is unaffected.
+TEST_F(Pipelines, ABatchsOwnModeOverridesTheNodes) {
+  NodePolicy eager;
+  eager.mode = PrivateMode::Eager;
+  policy_.set(1, eager);
+  NodePipelines p(topo_, discarder_, policy_, probe_);
+  const std::optional<PrivateMode> modes[3] = {PrivateMode::Lazy, std::nullopt, PrivateMode::Eager};
+  for (int i = 0; i < 3; ++i) {
+    Batch b;
+    b.node = 1;
+    b.mode = modes[i];
+    auto t = range(-1, 0, kPage, 1, Backing::PrivateAnon);
+    t.addr = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(0x100000 * (i + 1)));
+    b.ranges.push_back(t);
+    b.ranges.push_back(range(5, i * kPage, kPage, 1));  // shmem
+    b.on_done = done_.callback(i);
+    p.submit(std::move(b));
+  }
+  p.drain();
+  const Method want_anon[3] = {Method::MadvFree, Method::MadvDontneed, Method::MadvDontneed};
+  for (int i = 0; i < 3; ++i) {
+    const BatchResult r = done_.result(i);
+    ASSERT_EQ(r.ranges.size(), 2u);
+    for (const auto& rr : r.ranges)
+      EXPECT_EQ(rr.outcome.method, rr.target.backing == Backing::PrivateAnon ? want_anon[i] : Method::PunchHole)
+          << "batch " << i;
+  }
+}
+
 TEST_F(Pipelines, CancelledBatchIsNotDiscarded) {
   NodePipelines p(topo_, discarder_, policy_, probe_);
   Batch b;
