@@ -23,11 +23,14 @@ std::string_view to_string(RefaultBackoff::State s) {
 }
 
 RefaultBackoff::RefaultBackoff(BackoffConfig c, Clock::time_point now)
-    : cfg_(c), next_hold_(c.hold), probe_since_(now) {}
+    : cfg_(c), next_hold_(c.hold), probe_since_(now),
+      buckets_(static_cast<size_t>(std::clamp<int64_t>(c.window.count(), 1, kMaxWindow)) + 1) {}
 
 void RefaultBackoff::configure(const BackoffConfig& c, Clock::time_point now) {
   std::lock_guard lk(mu_);
   advance_locked(now);
+  if (c.window != cfg_.window)
+    buckets_.assign(static_cast<size_t>(std::clamp<int64_t>(c.window.count(), 1, kMaxWindow)) + 1, Bucket{});
   cfg_ = c;
   next_hold_ = std::clamp(next_hold_, c.hold, c.max_hold);
   if (!c.enabled && state_ == State::Holding) {
@@ -39,7 +42,7 @@ void RefaultBackoff::configure(const BackoffConfig& c, Clock::time_point now) {
 
 RefaultBackoff::Bucket& RefaultBackoff::bucket_locked(Clock::time_point now) {
   const int64_t sec = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
-  Bucket& b = buckets_[static_cast<size_t>(sec) % kMaxWindow];
+  Bucket& b = buckets_[static_cast<size_t>(sec) % buckets_.size()];
   if (b.second != sec) b = Bucket{sec, 0, 0};
   return b;
 }
@@ -54,7 +57,7 @@ void RefaultBackoff::sums_locked(Clock::time_point now, uint64_t* discarded, uin
   }
 }
 
-void RefaultBackoff::clear_window_locked() { buckets_.fill(Bucket{}); }
+void RefaultBackoff::clear_window_locked() { std::fill(buckets_.begin(), buckets_.end(), Bucket{}); }
 
 void RefaultBackoff::advance_locked(Clock::time_point now) {
   if (state_ == State::Holding && now >= hold_until_) {
@@ -101,6 +104,12 @@ bool RefaultBackoff::refaulted(uint64_t bytes, Clock::time_point now) {
   // What comes back during a hold was discarded before it.
   if (state_ != State::Holding && bytes) bucket_locked(now).refaulted += bytes;
   return judge_locked(now);
+}
+
+bool RefaultBackoff::normal() {
+  std::lock_guard lk(mu_);
+  advance_locked(Clock::now());
+  return state_ == State::Normal;
 }
 
 std::chrono::seconds RefaultBackoff::window() const {

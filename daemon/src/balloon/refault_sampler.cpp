@@ -61,8 +61,9 @@ void RefaultTracker::discarded(const std::shared_ptr<MappedRegion>& region, uint
         const uint64_t back = std::min(share, overlap);
         if (back > it->counted) {
           const auto age = std::chrono::duration_cast<std::chrono::seconds>(now - it->at).count();
-          credit_by_age_[static_cast<size_t>(std::clamp<int64_t>(age, 0, credit_by_age_.size() - 1))] +=
-              back - it->counted;
+          if (!credit_by_age_) credit_by_age_ = std::make_unique<std::array<uint64_t, 122>>();
+          auto& credit = *credit_by_age_;
+          credit[static_cast<size_t>(std::clamp<int64_t>(age, 0, credit.size() - 1))] += back - it->counted;
         }
       }
       bytes_ -= it->len;
@@ -108,10 +109,13 @@ uint64_t RefaultTracker::sample(Clock::time_point now, Clock::duration recent, u
   uint64_t added = 0;
   std::lock_guard lk(mu_);
   const auto recent_s = std::chrono::duration_cast<std::chrono::seconds>(recent).count();
-  for (size_t age = 0; age < credit_by_age_.size(); ++age) {
-    added += credit_by_age_[age];
-    if (recent_bytes && static_cast<int64_t>(age) < std::max<int64_t>(recent_s, 1)) *recent_bytes += credit_by_age_[age];
-    credit_by_age_[age] = 0;
+  if (credit_by_age_) {
+    auto& credit = *credit_by_age_;
+    for (size_t age = 0; age < credit.size(); ++age) {
+      added += credit[age];
+      if (recent_bytes && static_cast<int64_t>(age) < std::max<int64_t>(recent_s, 1)) *recent_bytes += credit[age];
+      credit[age] = 0;
+    }
   }
   for (const auto& s : seen) {
     auto it = std::lower_bound(ring_.begin(), ring_.end(), s.id,

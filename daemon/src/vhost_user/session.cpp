@@ -43,6 +43,11 @@ std::string_view to_string(MigrationState s) {
   return "?";
 }
 
+std::chrono::milliseconds stats_interval(const DaemonContext& ctx) {
+  const auto spread = kStatsSpacing * std::max(ctx.live_sessions.load(std::memory_order_relaxed), 1);
+  return std::max(ctx.stats_interval, std::chrono::duration_cast<std::chrono::milliseconds>(spread));
+}
+
 uint64_t offered_features(const DaemonContext& ctx) {
   return kOfferedFeatures | (ctx.stats_interval.count() > 0 ? balloon::kFStatsVq : 0);
 }
@@ -68,6 +73,7 @@ Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
       name_(std::move(name)),
       vm_metrics_(ctx.metrics.acquire_vm(name_)) {
   discard_while_logging_ = ctx_.discard_while_logging;
+  ctx_.live_sessions.fetch_add(1, std::memory_order_relaxed);
   vm_metrics_->set_migration_state(to_string(MigrationState::None));
   ctx_.metrics.session_opened();
   // A target the operator set for this VM survives its reconnects and fphd
@@ -86,6 +92,7 @@ Session::Session(DaemonContext& ctx, UniqueFd sock, std::string name)
 }
 
 Session::~Session() {
+  ctx_.live_sessions.fetch_sub(1, std::memory_order_relaxed);
   vm_metrics_->set_inflight(0);
   vm_metrics_->clear_state();
   vm_metrics_.reset();
@@ -626,7 +633,7 @@ void Session::service_kick(uint32_t idx) {
     table = table_;
     role = layout_.role(idx);
   }
-  const bool ok = role == balloon::QueueRole::Stats ? stats_.service(*this, idx, vrings_[idx], mu_, table, ctx_.stats_interval)
+  const bool ok = role == balloon::QueueRole::Stats ? stats_.service(*this, idx, vrings_[idx], mu_, table, stats_interval(ctx_))
                                                     : service_queue(*this, idx, role, vrings_[idx], mu_, table);
   // A fault in the ring or a buffer (the front end shrank its file) was
   // turned into zeros by the SIGBUS guard: what was read there is garbage,
@@ -682,6 +689,8 @@ bool Session::check_memory_faults() {
 }
 
 void Session::taken_locked(uint32_t queue) {
+  // The sampler visits VMs with requests every second, idle ones less often.
+  if (static_cast<int>(queue) != layout_.stats) activity_.fetch_add(1, std::memory_order_relaxed);
   vrings_[queue].inflight++;
   inflight_total_++;
   vm_metrics_->set_inflight(exported_inflight_locked());

@@ -187,6 +187,40 @@ TEST(RefaultTracker, CountsPagesResidentAgainOnceAndForgetsOldRanges) {
   EXPECT_EQ(b.tracked_ranges(), 0u);
 }
 
+// A block freed, reused and freed again between two samples: the sampler
+// never sees it resident, but the second discard freed memory inside the
+// first range, so the guest had populated it again. That is credited (by the
+// age of the discard it came back after: within `recent` or not).
+TEST(RefaultTracker, ARediscardThatFreesMemoryCreditsTheRefaultTheSamplerMissed) {
+  UniqueFd fd(memfd_create("refault", MFD_CLOEXEC));
+  ASSERT_EQ(ftruncate(fd.get(), 16 * MiB), 0);
+  proto::vu::MemoryRegion desc{};
+  desc.memory_size = 16 * MiB;
+  auto mapped = map_region(desc, UniqueFd(::dup(fd.get())), reclaim::Topology::from_system());
+  ASSERT_TRUE(mapped) << mapped.error();
+  auto region = std::move(*mapped);
+  using Clock = RefaultTracker::Clock;
+  RefaultTracker::Options o;
+  o.window = std::chrono::seconds(60);
+  RefaultTracker t(o);
+  const auto t0 = Clock::now();
+  t.discarded(region, region->map_base, 4 * MiB, t0, 4 * MiB);
+  // Half of it came back and went again before any sample: the new discard
+  // of the same 4 MiB freed 2 MiB.
+  t.discarded(region, region->map_base, 4 * MiB, t0 + std::chrono::seconds(2), 2 * MiB);
+  uint64_t recent = 0;
+  EXPECT_EQ(t.sample(t0 + std::chrono::seconds(3), std::chrono::seconds(10), &recent), 2 * MiB);
+  EXPECT_EQ(recent, 2 * MiB);
+  EXPECT_EQ(t.sample(t0 + std::chrono::seconds(4), std::chrono::seconds(10), &recent), 0u);  // once
+  // A re-discard that freed nothing: nothing had come back.
+  t.discarded(region, region->map_base, 4 * MiB, t0 + std::chrono::seconds(5), 0);
+  EXPECT_EQ(t.sample(t0 + std::chrono::seconds(6)), 0u);
+  // Came back 30 s after its discard: a refault, but not a recent one.
+  t.discarded(region, region->map_base, 4 * MiB, t0 + std::chrono::seconds(35), 4 * MiB);
+  EXPECT_EQ(t.sample(t0 + std::chrono::seconds(36), std::chrono::seconds(10), &recent), 4 * MiB);
+  EXPECT_EQ(recent, 0u);
+}
+
 TEST(RefaultTracker, RangeResidentBytesSkipsTheLeadingHoleAndStopsAtTheRangeEnd) {
   UniqueFd fd(memfd_create("extents", MFD_CLOEXEC));
   ASSERT_EQ(ftruncate(fd.get(), 8 * MiB), 0);

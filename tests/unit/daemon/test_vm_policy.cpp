@@ -246,3 +246,18 @@ TEST(VmPolicyConfig, BadSettingsNameTheKeyTheVmAndTheLine) {
   e = err("[policy.backoff]\nwindow_seconds = 500\n");
   EXPECT_NE(e.find("policy.backoff.window_seconds"), std::string::npos) << e;
 }
+
+// The sampler thread visits a VM that takes no requests only every
+// kIdleSampleInterval; sample_once (tests, explicit passes) visits all.
+#include "session_fixture.h"
+
+TEST(Sampler, AVmWithoutRequestsIsVisitedOnlyEveryIdleInterval) {
+  fph::testing_support::Pair sp;
+  fph::testing_support::Daemon d(std::move(sp.a), "idle-vm");
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::shared_ptr<Session>> all{d.session};
+  EXPECT_EQ(d.sampler.sample_due(all, t0), 1u);  // never visited
+  EXPECT_EQ(d.sampler.sample_due(all, t0 + 1s), 0u);
+  EXPECT_EQ(d.sampler.sample_due(all, t0 + 9s), 0u);
+  EXPECT_EQ(d.sampler.sample_due(all, t0 + kIdleSampleInterval + 1s), 1u);
+}

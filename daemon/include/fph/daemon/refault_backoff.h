@@ -28,7 +28,7 @@
 // the session thread asks holding().
 #pragma once
 
-#include <array>
+#include <vector>
 #include <chrono>
 #include <cstdint>
 #include <mutex>
@@ -80,6 +80,8 @@ class RefaultBackoff {
   // True while discards for the VM are held off.
   bool holding(Clock::time_point now = Clock::now());
   Snapshot snapshot(Clock::time_point now = Clock::now());
+  // Normal: neither holding nor probing (the sampler may visit it less often).
+  bool normal();
   // Refaults count only if they come back within this of their discard.
   std::chrono::seconds window() const;
 
@@ -105,7 +107,9 @@ class RefaultBackoff {
   uint64_t holds_ = 0;
   double trigger_share_ = 0;
   Clock::duration held_{0};
-  std::array<Bucket, kMaxWindow> buckets_{};
+  // One per second of the window (and one more): sized by configure(), so
+  // a VM costs ~260 bytes for the default 10 s window (1024 VMs on a host).
+  std::vector<Bucket> buckets_;
 };
 
 std::string_view to_string(RefaultBackoff::State s);

@@ -85,7 +85,8 @@ class RefaultTracker {
   void evict_locked();
   // Refaults found by a re-discard, by the age of the discard they came back
   // after (whole seconds), until the next sample takes them.
-  std::array<uint64_t, 122> credit_by_age_{};
+  // (Allocated on the first credit: most VMs never get one.)
+  std::unique_ptr<std::array<uint64_t, 122>> credit_by_age_;
   Options opts_;
   mutable std::mutex mu_;
   std::deque<Entry> ring_;  // oldest first, ids ascending

@@ -60,7 +60,19 @@ struct DaemonContext {
   // Per-VM policy (vm_policy.h), resolved when a VM connects and applied
   // again on reload and admin changes; null: node policy only.
   VmPolicyTable* vm_policy = nullptr;
+  // Sessions alive now (the stats queue's spacing, stats_interval()).
+  std::atomic<int> live_sessions{0};
 };
+
+// The stats queue asks each VM for its stats at most every `stats_interval`
+// and fphd as a whole at most once per kStatsSpacing on average: with many
+// VMs the interval stretches (250 VMs: 5 s; 1024 VMs: 20.5 s), so the idle
+// cost of the stats queue stays bounded (~50 exchanges/s at ~40 us of
+// session-thread CPU each, two wakeups: 0.2% of a core) whatever the VM
+// count. Prometheus scrapes every 15-30 s, so fresher stats would mostly go
+// unread (docs/metrics.md, "What the guest says").
+inline constexpr std::chrono::milliseconds kStatsSpacing{20};
+std::chrono::milliseconds stats_interval(const DaemonContext& ctx);
 
 // Features fphd offers (reference 1.1, 4.4). EVENT_IDX is not offered (we
 // do not publish avail_event). LOG_ALL with LOG_SHMFD is what QEMU needs to
@@ -208,6 +220,15 @@ class Session : public std::enable_shared_from_this<Session> {
   VmMetrics& metrics() { return *vm_metrics_; }
   RefaultTracker& refaults() { return *refaults_; }
   RefaultBackoff& backoff() { return *backoff_; }
+  // Requests taken from the guest's queues so far (the stats queue aside).
+  uint64_t activity() const { return activity_.load(std::memory_order_relaxed); }
+  // The sampler's own bookkeeping for this VM (sampler thread only).
+  struct SamplerMark {
+    bool sampled = false;
+    uint64_t activity = 0;
+    std::chrono::steady_clock::time_point at{};
+  };
+  SamplerMark& sampler_mark() { return sampler_mark_; }
   std::shared_ptr<const MemoryTable> table() const;
   DaemonContext& context() { return ctx_; }
   const StatsService& stats() const { return stats_; }
@@ -303,6 +324,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::atomic<int> deferred_count_{0};
   std::shared_ptr<std::atomic<bool>> cancel_ = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> activity_{0};
+  SamplerMark sampler_mark_;
   std::atomic<bool> paused_{false};
   std::atomic<bool> yanked_{false};
   std::atomic<bool> memory_fault_reported_{false};
