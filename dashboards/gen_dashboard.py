@@ -81,10 +81,18 @@ panel("Discards that freed nothing", [
 ], unit="ops", desc="Discard syscall groups accepted by the kernel that did not lower the backing's allocated blocks.")
 panel("Skipped bytes by reason", [
     (f"sum by (reason) (rate(fphd_skipped_bytes_total{{{VM}}}[{RI}]))", "{{reason}}"),
-], unit="Bps", desc="Reported bytes deliberately left alone: poisoned, paused, stopped, invalid, misaligned, failed, unsupported, cancelled.")
+], unit="Bps", desc="Reported bytes deliberately left alone: poisoned, paused, stopped, invalid, misaligned, failed, unsupported, cancelled, "
+   "migrating, small (below the VM's min_block), backoff (the VM refaults what was discarded).")
 panel("Refaulted bytes", [
     (f"sum by (vm) (rate(fphd_refaulted_bytes_total{{{VM}}}[{RI}]))", "{{vm}}"),
 ], unit="Bps", desc="Discarded bytes found resident again within the refault window (mincore sampling): the cost of reclaim to the guest.")
+
+panel("Refault backoff per VM", [
+    (f"max by (vm) (fphd_vm_backoff{{{VM}}})", "{{vm}} held"),
+    (f"max by (vm) (fphd_vm_refault_share{{{VM}}})", "{{vm}} refault share"),
+    (f"sum by (vm) (increase(fphd_vm_backoff_holds_total{{{VM}}}[{RI}]))", "{{vm}} holds started"),
+], desc="1 while fphd holds off discarding for a VM that refaults most of what was discarded within the window "
+   "(docs/metrics.md#refault-backoff); the refaulted share of the window; holds started. A held VM keeps what it reports.")
 
 row("VMs")
 panel("Guest memory vs resident", [
