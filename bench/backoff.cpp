@@ -23,6 +23,7 @@
 #include "guest_fleet.h"
 #include "options.h"
 #include "processes.h"
+#include "report.h"
 
 namespace fph::bench {
 
@@ -440,12 +441,7 @@ int run_backoff_mode() {
                         {"batch_period_s", period},
                         {"reporting_delay_ms", g_opt.backoff_reporting_delay_ms},
                         {"threads_per_node", g_opt.threads}};
-  std::printf("%s\n", doc.dump().c_str());
-  if (!g_opt.backoff_json.empty()) {
-    std::ofstream out(g_opt.backoff_json);
-    out << doc.dump(2) << "\n";
-  }
-  std::fflush(stdout);
+  emit_json(doc, g_opt.backoff_json);
   return failed ? 1 : 0;
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 
 #include "options.h"
 #include "percentile.h"
@@ -145,6 +146,15 @@ void print_table(FILE* out) {
                g_opt.raw_block ? human_bytes(static_cast<double>(g_opt.raw_block)).c_str()
                                : "the reported size, rounded to a power of two");
   std::fflush(out);
+}
+
+void emit_json(const nlohmann::json& doc, const std::string& path) {
+  std::printf("%s\n", doc.dump().c_str());
+  if (!path.empty()) {
+    std::ofstream out(path);
+    out << doc.dump(2) << "\n";
+  }
+  std::fflush(stdout);
 }
 
 }  // namespace fph::bench

@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -25,5 +26,9 @@ extern bool g_failed;                                 // a run failed: exit stat
 
 // The summary table (after Google Benchmark's own output).
 void print_table(FILE* out);
+
+// The result document of a mode (--scale, --backoff): one line on stdout,
+// and indented into `path` unless it is empty.
+void emit_json(const nlohmann::json& doc, const std::string& path);
 
 }  // namespace fph::bench

@@ -27,6 +27,7 @@
 #include "options.h"
 #include "percentile.h"
 #include "processes.h"
+#include "report.h"
 
 namespace fph::bench {
 
@@ -406,12 +407,7 @@ int run_scale_mode() {
                         {"guest_epoch_poll_ms", g_opt.scale_epoch_poll_ms},
                         {"fphd_stats_interval_s", g_opt.scale_stats_interval >= 0 ? nlohmann::json(g_opt.scale_stats_interval)
                                                                                    : nlohmann::json("default")}};
-  std::printf("%s\n", doc.dump().c_str());
-  if (!g_opt.scale_json.empty()) {
-    std::ofstream out(g_opt.scale_json);
-    out << doc.dump(2) << "\n";
-  }
-  std::fflush(stdout);
+  emit_json(doc, g_opt.scale_json);
   return failed ? 1 : 0;
 }
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "client.h"
+#include "admin_call.h"
 #include "harness.h"
 
 using namespace fph;
@@ -35,14 +35,10 @@ struct Daemon {
     fphd = std::make_unique<Fphd>(dir, std::vector<std::string>{"--admin-socket", admin});
   }
   json call(const std::string& cmd, const json& args = json::object()) {
-    auto c = ctl::AdminClient::connect(admin);
-    EXPECT_TRUE(c) << (c ? "" : c.error());
-    if (!c) return {};
-    auto r = c->execute(cmd, args);
-    EXPECT_TRUE(r) << (r ? "" : r.error());
-    if (!r) return {};
-    EXPECT_TRUE(r->contains("return")) << cmd << " " << args.dump() << " -> " << r->dump();
-    return r->value("return", json());
+    const json r = admin_reply(admin, cmd, args);
+    if (r.is_null()) return {};
+    EXPECT_TRUE(r.contains("return")) << cmd << " " << args.dump() << " -> " << r.dump();
+    return r.value("return", json());
   }
   void set_num_pages(const std::string& vm, uint64_t pages) {
     const json r = call("set-num-pages", {{"vm", vm}, {"pages", pages}});

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "client.h"
+#include "admin_call.h"
 #include "harness.h"
 
 using namespace fph;
@@ -44,14 +44,7 @@ struct Daemon {
     extra.insert(extra.begin(), {"--config", config, "--admin-socket", admin});
     fphd = std::make_unique<Fphd>(dir, extra);
   }
-  json call(const std::string& cmd, const json& args = json::object()) {
-    auto c = ctl::AdminClient::connect(admin);
-    EXPECT_TRUE(c) << (c ? "" : c.error());
-    if (!c) return {};
-    auto r = c->execute(cmd, args);
-    EXPECT_TRUE(r) << (r ? "" : r.error());
-    return r ? *r : json();
-  }
+  json call(const std::string& cmd, const json& args = json::object()) { return admin_reply(admin, cmd, args); }
   json session(const std::string& vm) {
     for (const auto& s : call("query-sessions").value("return", json::array()))
       if (s["name"] == vm) return s;
