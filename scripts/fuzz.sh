@@ -8,6 +8,9 @@
 #   MAX_TIME=600 scripts/fuzz.sh         # also stop each target after 600 s
 #   JOBS=2 NICE=10 BUILD=build/fuzz scripts/fuzz.sh
 #   SKIP_BUILD=1 scripts/fuzz.sh fuzz_admin   # run what $BUILD already holds
+#   TIMEOUT=900 scripts/fuzz.sh          # per-input limit (s), e.g. when the run
+#                                        # may be paused with SIGSTOP for a benchmark
+#   FUZZ_FLAGS="-entropic=0" scripts/fuzz.sh  # more libFuzzer flags
 #
 # Per target: the build (cmake -DFPH_LIBFUZZER=ON, clang, into $BUILD), a run
 # of -runs=$RUNS over a scratch copy of tests/fuzz/corpus/<target> (so the
@@ -39,7 +42,9 @@ max_len() {
 }
 # Per-input time limit (s): the session target waits for replies and
 # in-flight requests with bounded waits of up to 1 s.
-timeout_for() { [ "$1" = fuzz_session ] && echo 30 || echo 10; }
+timeout_for() {
+  if [ -n "${TIMEOUT:-}" ]; then echo "$TIMEOUT"; elif [ "$1" = fuzz_session ]; then echo 30; else echo 10; fi
+}
 
 if [ "${SKIP_BUILD:-0}" = 1 ]; then
   echo "== not building (SKIP_BUILD=1): using $BUILD"
@@ -76,6 +81,8 @@ for t in "${TARGETS[@]}"; do
   [ "$MAX_TIME" != 0 ] && extra+=(-max_total_time="$MAX_TIME")
   # Programs need length to get deep: do not let libFuzzer grow it slowly.
   [ "$t" = fuzz_session ] && extra+=(-len_control=0)
+  # shellcheck disable=SC2206
+  [ -n "${FUZZ_FLAGS:-}" ] && extra+=(${FUZZ_FLAGS})
   nice -n "$NICE" "$bin" "$scratch" -runs="$RUNS" -max_len="$(max_len "$t")" -timeout="$(timeout_for "$t")" \
     -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$artifacts/" "${extra[@]}" >"$log" 2>&1 || rc=$?
   end=$(date +%s.%N)
