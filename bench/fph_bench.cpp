@@ -85,7 +85,7 @@
 // Usage: fph-bench [--total=4G] [--quick] [--guests=1,4,16]
 //          [--backing=shmem,hugetlb] [--threads=N] [--repetitions=3]
 //          [--raw-block=SIZE] [--hold-ms=MS] [--fphd=PATH] [--guest=PATH]
-//          [--keep-logs] [--no-floor] [Google Benchmark flags, e.g. --benchmark_format=json]
+//          [--keep-logs] [--no-floor] [--thread-cpu] [Google Benchmark flags, e.g. --benchmark_format=json]
 //        fph-bench --scale=1,64,256,1024 (scale.h)
 //        fph-bench --backoff [--backoff-seconds=60] (backoff.h)
 // Environment: FPH_BENCH_FPHD, FPH_BENCH_GUEST override the binaries;

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -76,6 +77,17 @@ std::pair<double, double> ThreadCpu::since(const ThreadCpu& before, const std::s
     wait += x.wait_s - (it == before.tasks.end() ? 0 : it->second.wait_s);
   }
   return {run, wait};
+}
+
+std::map<std::string, double> ThreadCpu::by_class(const ThreadCpu& before) const {
+  std::map<std::string, double> out;
+  for (const auto& [tid, x] : tasks) {
+    std::string c = x.comm.rfind("vm:", 0) == 0 ? std::string("vm:*") : x.comm;
+    while (!c.empty() && std::isdigit(static_cast<unsigned char>(c.back()))) c.pop_back();
+    auto it = before.tasks.find(tid);
+    out[c] += x.run_s - (it == before.tasks.end() ? 0 : it->second.run_s);
+  }
+  return out;
 }
 
 // Opens (O_RDONLY, CLOEXEC) every distinct memfd named `name` process `pid` has.

@@ -45,6 +45,9 @@ struct ThreadCpu {
   // name starts with `prefix` ("" = all). Threads that exited in between are
   // lost: fphd's threads live as long as the run.
   std::pair<double, double> since(const ThreadCpu& before, const std::string& prefix, bool invert = false) const;
+  // On-CPU seconds since `before` per thread class: the name without trailing
+  // digits, and "vm:*" for every session thread ("fph-reclaim-", "vm:*", ...).
+  std::map<std::string, double> by_class(const ThreadCpu& before) const;
 };
 
 // Opens (O_RDONLY, CLOEXEC) every distinct memfd named `name` process `pid` has.

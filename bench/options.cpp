@@ -47,7 +47,7 @@ std::vector<std::string> split(const std::string& s, char sep) {
                "[--backing=shmem,hugetlb]\n"
                "                 [--threads=N] [--repetitions=N] [--raw-block=SIZE] "
                "[--hold-ms=MS]\n"
-               "                 [--fphd=PATH] [--guest=PATH] [--keep-logs] "
+               "                 [--fphd=PATH] [--guest=PATH] [--keep-logs] [--no-floor] [--thread-cpu] "
                "[--benchmark_* flags]\n"
                "       fph-bench --scale=1,64,256,1024 [--scale-*]\n"
                "       fph-bench --backoff [--backoff-seconds=60] [--backoff-period-s=15]\n"
@@ -92,6 +92,7 @@ std::vector<char*> parse_args(int argc, char** argv, std::vector<std::string>& s
       if (key == "--help" || key == "-h") usage("help");
       else if (key == "--quick") g_opt.quick = true;
       else if (key == "--keep-logs") g_opt.keep_logs = true;
+      else if (key == "--thread-cpu") g_opt.thread_cpu = true;
       else if (key == "--no-floor") g_opt.floor = false;
       else if (key == "--scale") {
         g_opt.scale.clear();

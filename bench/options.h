@@ -30,6 +30,7 @@ struct Options {
   std::string fphd = FPH_FPHD_PATH;
   std::string guest = FPH_GUEST_PATH;
   bool keep_logs = false;
+  bool thread_cpu = false;       // --thread-cpu: per-thread-class CPU of fphd and the guests per e2e run
   bool floor = true;             // the wakeup floor next to the raw loop (--no-floor)
   std::vector<int> scale;        // --scale=1,64,256,1024: the scale mode instead of the benchmark
   uint64_t scale_memory = 8 * kMiB;  // per guest in the scale mode

@@ -146,9 +146,23 @@ E2EResult run_e2e(const Scenario& sc, int hold_ms) {
     r.fphd_cpu_s = dr + orun;
     // Who else ran in the window: the guests (driver and agent threads) and
     // this bench (its stdout readers wake when a guest prints).
-    for (size_t i = 0; i < guests.size(); ++i)
-      r.guests_cpu_s += ThreadCpu::read(guests[i]->pid()).since(guest_threads0[i], "").first;
+    std::map<std::string, double> guest_classes;
+    for (size_t i = 0; i < guests.size(); ++i) {
+      const ThreadCpu g1 = ThreadCpu::read(guests[i]->pid());
+      r.guests_cpu_s += g1.since(guest_threads0[i], "").first;
+      for (const auto& [c, s] : g1.by_class(guest_threads0[i])) guest_classes[c] += s;
+    }
     r.bench_cpu_s = ThreadCpu::read(getpid()).since(bench_threads0, "").first;
+    if (g_opt.thread_cpu) {
+      // Where the CPU of the window went, per thread class (microseconds).
+      std::string line = "fph-bench: thread CPU (us) " + sc.key() + ": fphd";
+      for (const auto& [c, s] : threads1.by_class(threads0))
+        if (s > 0) line += " " + c + "=" + std::to_string(static_cast<long>(s * 1e6));
+      line += " | guests";
+      for (const auto& [c, s] : guest_classes)
+        if (s > 0) line += " " + c + "=" + std::to_string(static_cast<long>(s * 1e6));
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
   }
   r.system_cpu_s = syscpu.read() - sys0;
   // The kernel's word on what was reclaimed: allocated blocks of the guests'

@@ -1,5 +1,6 @@
 #include "fph/daemon/sampler.h"
 
+#include <pthread.h>
 #include <sys/stat.h>
 
 #include <set>
@@ -108,6 +109,7 @@ size_t Sampler::sample_due(const std::vector<std::shared_ptr<Session>>& sessions
 
 void Sampler::start(Source source) {
   thread_ = std::thread([this, source = std::move(source)] {
+    pthread_setname_np(pthread_self(), "fph-sampler");
     std::unique_lock lk(mu_);
     while (!stop_) {
       lk.unlock();

@@ -1,5 +1,6 @@
 #include "fph/daemon/admin.h"
 
+#include <pthread.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -560,7 +561,10 @@ Expected<void, std::string> AdminServer::start(const std::string& path, unsigned
 Expected<void, std::string> AdminServer::start_fd(UniqueFd listener, std::string path) {
   listener_ = std::move(listener);
   path_ = std::move(path);
-  thread_ = std::thread([this] { loop(); });
+  thread_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "fph-admin");
+    loop();
+  });
   return {};
 }
 

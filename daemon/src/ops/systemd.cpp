@@ -1,5 +1,6 @@
 #include "fph/daemon/systemd.h"
 
+#include <pthread.h>
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -22,6 +23,7 @@ Watchdog::Watchdog(std::function<bool()> healthy) : healthy_(std::move(healthy))
   log::info("systemd", "watchdog enabled: ping every {} ms", interval_.count() / 1000);
   notify("WATCHDOG=1");
   thread_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "fph-watchdog");  // top -H, fph-bench --thread-cpu
     std::unique_lock lk(mu_);
     while (!cv_.wait_for(lk, interval_, [&] { return stop_; })) {
       if (!healthy_ || healthy_()) notify("WATCHDOG=1");

@@ -106,7 +106,11 @@ Expected<void, std::string> Server::start() {
   }
   for (const auto& a : cfg_.attach)
     if (!valid_name(a.name)) return unexpected("invalid VM name '" + a.name + "'");
-  if (!listeners_.empty()) accept_thread_ = std::thread([this] { accept_loop(); });
+  if (!listeners_.empty())
+    accept_thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "fph-accept");
+      accept_loop();
+    });
   for (const auto& a : cfg_.attach) {
     auto t = std::make_shared<AttachTarget>();
     t->target = a;
@@ -215,7 +219,10 @@ void Server::start_attach(std::shared_ptr<AttachTarget> a) {
   a->wake.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   std::lock_guard lk(mu_);
   if (stopping_) return;  // stop() has already collected the threads to join
-  a->thread = std::thread([this, a] { attach_loop(a); });
+  a->thread = std::thread([this, a] {
+    pthread_setname_np(pthread_self(), "fph-attach");
+    attach_loop(a);
+  });
   attach_.push_back(std::move(a));
 }
 
