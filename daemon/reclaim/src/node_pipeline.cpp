@@ -105,7 +105,8 @@ bool can_merge(const DiscardTarget& a, const DiscardTarget& b, uint64_t max_byte
 
 // Sorts by position in the backing so that ranges reported out of order still
 // merge; identical or overlapping ranges never merge (they do not touch).
-std::vector<DiscardTarget> coalesce(const std::vector<DiscardTarget>& in, uint64_t max_bytes) {
+std::vector<DiscardTarget> coalesce(const std::vector<DiscardTarget>& in, uint64_t max_bytes,
+                                    uint64_t max_hugetlb_bytes) {
   std::vector<DiscardTarget> sorted(in);
   std::stable_sort(sorted.begin(), sorted.end(), [](const DiscardTarget& x, const DiscardTarget& y) {
     auto key = [](const DiscardTarget& t) {
@@ -118,7 +119,8 @@ std::vector<DiscardTarget> coalesce(const std::vector<DiscardTarget>& in, uint64
   out.reserve(sorted.size());
   for (const auto& t : sorted) {
     if (t.length == 0) continue;
-    if (!out.empty() && can_merge(out.back(), t, max_bytes)) {
+    const uint64_t cap = t.backing == Backing::Hugetlb ? max_hugetlb_bytes : max_bytes;
+    if (!out.empty() && can_merge(out.back(), t, cap)) {
       out.back().length += t.length;
     } else {
       out.push_back(t);
@@ -271,7 +273,9 @@ void NodePipelines::Node::process(Work& w) {
   }
   const NodePolicy pol = policy.get(index);
   std::vector<DiscardTarget> groups =
-      opts.coalesce ? coalesce(b.ranges, std::max<uint64_t>(opts.max_coalesced_bytes, 1)) : b.ranges;
+      opts.coalesce ? coalesce(b.ranges, std::max<uint64_t>(opts.max_coalesced_bytes, 1),
+                               std::max<uint64_t>(opts.max_coalesced_hugetlb_bytes, 1))
+                    : b.ranges;
 
   // One choose() per backing per batch: the policy table's lock is shared by
   // all nodes, so it stays off the per-range path.

@@ -272,6 +272,31 @@ TEST_F(Pipelines, CoalescingNeedsContiguousAddressesTooAndRespectsTheCap) {
   EXPECT_EQ(lengths, (std::vector<uint64_t>{kPage, kPage, 2 * kPage, 2 * kPage}));
 }
 
+TEST_F(Pipelines, HugetlbRangesCoalesceUpToTheirOwnCap) {
+  // The shmem cap (16 MiB by default) is about 4 KiB struct pages; huge
+  // pages are freed as folios, so hugetlbfs ranges have their own, larger cap.
+  constexpr uint64_t kHuge = 2ull << 20;
+  PipelineOptions opts;
+  opts.max_coalesced_bytes = 4 * kHuge;
+  opts.max_coalesced_hugetlb_bytes = 16 * kHuge;
+  NodePipelines p(topo_, discarder_, policy_, probe_, opts);
+  Batch b;
+  b.node = 0;
+  for (int i = 0; i < 20; ++i) {
+    b.ranges.push_back(range(5, i * kHuge, kHuge, 0, Backing::Hugetlb));
+    b.ranges.push_back(range(6, i * kHuge, kHuge, 0, Backing::Shmem));
+  }
+  b.on_done = done_.callback(0);
+  p.submit(std::move(b));
+  p.drain();
+  std::map<int, std::vector<uint64_t>> lengths;  // by fd
+  for (const auto& c : discarder_.calls()) lengths[c.target.fd].push_back(c.target.length);
+  for (auto& [fd, v] : lengths) std::sort(v.begin(), v.end());
+  EXPECT_EQ(lengths[5], (std::vector<uint64_t>{4 * kHuge, 16 * kHuge}));
+  EXPECT_EQ(lengths[6], (std::vector<uint64_t>{4 * kHuge, 4 * kHuge, 4 * kHuge, 4 * kHuge, 4 * kHuge}));
+  EXPECT_EQ(done_.result(0).discarded_bytes, 40 * kHuge);
+}
+
 TEST_F(Pipelines, CoalescingCanBeTurnedOff) {
   PipelineOptions opts;
   opts.coalesce = false;

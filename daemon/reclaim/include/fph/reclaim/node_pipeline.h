@@ -70,6 +70,14 @@ struct PipelineOptions {
   // CPU per GiB against the raw loop) at 16 MiB, 0.86/1.09 and 0.93/1.03 at
   // 64 MiB; a raw loop of 64 MiB punches costs ~3% more per byte than 4 MiB.
   uint64_t max_coalesced_bytes = 16ull << 20;
+  // The same cap for hugetlbfs ranges. The L2 argument above is about the
+  // 4 KiB struct pages of a shmem range; a huge page is freed as one folio,
+  // so a bigger punch only saves syscalls (and the two fstat calls of the
+  // verified discard around each). 256 MiB takes a whole Linux-sized report
+  // (32 blocks of up to 4 MiB) in one call: fph-bench measured 8 calls per
+  // 112 MiB hugetlb request at 16 MiB, about 1 at 256 MiB (README, "Per-request
+  // cost"). The inode stays locked for one call: ~0.1 ms per 256 MiB.
+  uint64_t max_coalesced_hugetlb_bytes = 256ull << 20;
   // try_run_inline: a batch whose discards are expected to take less than
   // this runs on the submitting thread. 0 = never inline. A request that
   // costs the kernel tens of microseconds (a 64 MiB hugetlb punch: ~30 us)
