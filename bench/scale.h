@@ -18,6 +18,7 @@ struct ScaleResult {
   // fphd, before any guest and after the round (VmRSS - RssFile - RssShmem
   // is RssAnon: guest memory fphd maps is RssShmem, not counted).
   uint64_t rss_anon_base = 0, rss_anon = 0, rss_shmem = 0;
+  uint64_t rss_anon_idle = 0;  // at the end of the idle window (steady state)
   int threads_base = 0, threads = 0;
   int fds_base = 0, fds = 0;
   double idle_cpu_pct = 0;  // % of one core, over the idle window

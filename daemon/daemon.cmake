@@ -15,7 +15,8 @@
 #                state_transfer.cpp (the SAVE/LOAD pipe), session_migration.cpp
 #                (the session's migration messages)
 #   ../reclaim   node pipelines (node_pipeline.cpp) and discard primitives (discard.cpp)
-#   ops/         operating it: metrics, admin socket, config, systemd, run()
+#   ops/         operating it: metrics, admin socket, config, systemd, run(),
+#                heap_trim.cpp (freed heap back to the kernel after bursts)
 pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
 pkg_check_modules(TOMLPP REQUIRED IMPORTED_TARGET tomlplusplus)
 add_library(fph_daemon STATIC
@@ -37,6 +38,7 @@ add_library(fph_daemon STATIC
   src/migration/session_migration.cpp
   src/ops/metrics.cpp
   src/ops/node_collector.cpp
+  src/ops/heap_trim.cpp
   src/ops/admin.cpp
   src/ops/config.cpp
   src/ops/systemd.cpp

@@ -114,6 +114,8 @@ void Sampler::start(Source source) {
     while (!stop_) {
       lk.unlock();
       sample_due(source(), std::chrono::steady_clock::now());
+      // After a scrape or closed sessions (heap_trim.h).
+      heap_trim_.run(metrics_.heap_bursts(), metrics_.last_heap_burst(), std::chrono::steady_clock::now());
       lk.lock();
       cv_.wait_for(lk, interval_, [&] { return stop_; });
     }

@@ -10,6 +10,27 @@
 
 namespace fph::daemon {
 
+namespace {
+
+// The registry as the endpoint sees it, counting scrapes (Metrics::heap_bursts).
+class CountingCollectable final : public prometheus::Collectable {
+ public:
+  CountingCollectable(std::shared_ptr<prometheus::Registry> r, std::atomic<uint64_t>& n, Metrics& m)
+      : registry_(std::move(r)), n_(n), m_(m) {}
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    m_.heap_burst_began();
+    n_.fetch_add(1, std::memory_order_relaxed);
+    return registry_->Collect();
+  }
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::atomic<uint64_t>& n_;
+  Metrics& m_;
+};
+
+}  // namespace
+
 using prometheus::BuildCounter;
 using prometheus::BuildGauge;
 using prometheus::BuildHistogram;
@@ -295,7 +316,8 @@ Metrics::Metrics(const std::string& bind, int nodes)
   }
   if (!bind.empty()) {
     exposer_ = std::make_unique<prometheus::Exposer>(bind);
-    exposer_->RegisterCollectable(registry_);
+    counted_registry_ = std::make_shared<CountingCollectable>(registry_, scrapes_, *this);
+    exposer_->RegisterCollectable(counted_registry_);
   }
 }
 
@@ -322,7 +344,15 @@ void Metrics::session_opened() {
   sessions_gauge_->Increment();
   sessions_opened_total_->Increment();
 }
-void Metrics::session_closed() { sessions_gauge_->Decrement(); }
+void Metrics::session_closed() {
+  sessions_gauge_->Decrement();
+  heap_burst_began();
+  sessions_closed_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Metrics::heap_burst_began() {
+  last_burst_.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+}
 void Metrics::protocol_error_unnamed(const std::string& reason) {
   protocol_errors_.Add({{"vm", ""}, {"reason", reason}}).Increment();
 }

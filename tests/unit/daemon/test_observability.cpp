@@ -8,6 +8,8 @@
 
 #include <fstream>
 
+#include "fph/daemon/heap_trim.h"
+#include "fph/probe/scrape.h"
 #include "session_fixture.h"
 
 using namespace fph;
@@ -26,6 +28,45 @@ std::map<std::string, std::string> vm(const std::string& extra_key = "", const s
 }  // namespace
 
 // --- pure logic ---------------------------------------------------------------
+
+TEST(HeapTrim, TrimsOnceABurstHasSettledAndWhenBurstsNeverSettle) {
+  using daemon::HeapTrim;
+  HeapTrim t;
+  const auto t0 = HeapTrim::Clock::now();
+  auto at = [&](int ms) { return t0 + std::chrono::milliseconds(ms); };
+  EXPECT_FALSE(t.due(0, at(0), at(0)));  // nothing happened yet
+  EXPECT_FALSE(t.due(0, at(0), at(1000)));
+  EXPECT_FALSE(t.due(1, at(1990), at(2000)));  // a scrape began 10 ms ago: being served
+  EXPECT_TRUE(t.due(1, at(1990), at(3000)));   // the count held still for a pass: trim
+  EXPECT_FALSE(t.due(1, at(1990), at(4000)));  // once
+  EXPECT_TRUE(t.due(2, at(4100), at(5000)));   // began 900 ms ago: over, no need to wait a pass
+  EXPECT_FALSE(t.due(4, at(5950), at(6000)));  // two more (sessions closing), just now
+  EXPECT_TRUE(t.due(4, at(5950), at(7000)));
+  // A scraper faster than the sampler never lets the count settle: trimmed
+  // every kMaxBurstsUntrimmed bursts all the same.
+  int trims = 0;
+  int now = 8000;
+  for (uint64_t b = 5; b <= 4 + 3 * HeapTrim::kMaxBurstsUntrimmed; ++b, now += 1000)
+    trims += t.due(b, at(now - 10), at(now));
+  EXPECT_EQ(trims, 3);
+}
+
+TEST(Metrics, ScrapesAndClosedSessionsCountAsHeapBursts) {
+  daemon::Metrics m("127.0.0.1:0", 1);
+  ASSERT_FALSE(m.url().empty());
+  const uint64_t b0 = m.heap_bursts();
+  const auto before = std::chrono::steady_clock::now();
+  const std::string body = probe::http_get(m.url());
+  EXPECT_NE(body.find("fphd_sessions"), std::string::npos);
+  EXPECT_EQ(m.heap_bursts(), b0 + 1);
+  EXPECT_GE(m.last_heap_burst(), before);
+  (void)probe::http_get(m.url());
+  EXPECT_EQ(m.heap_bursts(), b0 + 2);
+  m.session_opened();
+  EXPECT_EQ(m.heap_bursts(), b0 + 2);
+  m.session_closed();
+  EXPECT_EQ(m.heap_bursts(), b0 + 3);
+}
 
 TEST(ReclaimStatus, FollowsFeaturesPoisonPauseRingsAndBacking) {
   SessionInfo i;

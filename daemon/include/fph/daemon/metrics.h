@@ -184,6 +184,18 @@ class Metrics {
   void observe_discard_duration(int node, double seconds);
   void session_opened();
   void session_closed();
+  // Bursts of freed heap (heap_trim.h): scrapes served through the endpoint
+  // (at 1024 VMs one builds ~15 MiB of metric objects and text) plus
+  // sessions closed.
+  uint64_t heap_bursts() const {
+    return scrapes_.load(std::memory_order_relaxed) + sessions_closed_.load(std::memory_order_relaxed);
+  }
+  // When the last of them began (steady clock).
+  std::chrono::steady_clock::time_point last_heap_burst() const {
+    return std::chrono::steady_clock::time_point(
+        std::chrono::steady_clock::duration(last_burst_.load(std::memory_order_relaxed)));
+  }
+  void heap_burst_began();  // stamps last_heap_burst()
   void protocol_error_unnamed(const std::string& reason);  // before a session has a name
   void discard_syscalls(int node, reclaim::Method m, uint64_t n);
   // Node view (sampled by the NodeCollector).
@@ -192,6 +204,9 @@ class Metrics {
  private:
   friend class VmMetrics;
   std::shared_ptr<prometheus::Registry> registry_;
+  std::atomic<uint64_t> scrapes_{0}, sessions_closed_{0};
+  std::atomic<std::chrono::steady_clock::rep> last_burst_{0};
+  std::shared_ptr<prometheus::Collectable> counted_registry_;  // registry_, counting scrapes_
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::string bind_;
   int nodes_;

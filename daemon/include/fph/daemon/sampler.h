@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "fph/daemon/heap_trim.h"
 #include "fph/daemon/metrics.h"
 #include "fph/daemon/node_collector.h"
 #include "fph/daemon/session.h"
@@ -74,6 +75,7 @@ class Sampler {
  private:
   Metrics& metrics_;
   NodeCollector* nodes_;
+  HeapTrim heap_trim_;  // used by the sampler thread only
   std::chrono::milliseconds interval_;
   std::mutex mu_;
   std::condition_variable cv_;
