@@ -79,12 +79,16 @@ struct PipelineOptions {
   // cost"). The inode stays locked for one call: ~0.1 ms per 256 MiB.
   uint64_t max_coalesced_hugetlb_bytes = 256ull << 20;
   // try_run_inline: a batch whose discards are expected to take less than
-  // this runs on the submitting thread. 0 = never inline. A request that
-  // costs the kernel tens of microseconds (a 64 MiB hugetlb punch: ~30 us)
-  // costs as much again in a handoff to a pipeline thread and back (two
-  // wakeups); 200 us keeps the session thread's stall bounded well below one
-  // 4 KiB-shmem request of a few MiB, which stays on the pipeline.
-  std::chrono::nanoseconds inline_budget{std::chrono::microseconds(200)};
+  // this (CPU time) runs on the submitting thread. 0 = never inline. A
+  // request that costs the kernel tens to a few hundred microseconds (a
+  // Linux-sized 128 MiB hugetlb report: ~30 us on a quiet host, 150-180 us
+  // on the 2-core dev VM) costs as much again in a handoff to a pipeline
+  // thread and back (two wakeups). 500 us: 200 us, the first choice, sat
+  // just above a 128 MiB hugetlb report on the dev VM, and fph-bench saw a
+  // fifth of them take the hand-off. Still well below one 4 KiB-shmem report
+  // (128 MiB: ~10 ms), which stays on the pipeline with its NUMA placement
+  // and concurrency bound; a shmem request of a few MiB may now run inline.
+  std::chrono::nanoseconds inline_budget{std::chrono::microseconds(500)};
 };
 
 struct NodeCounters {
