@@ -244,6 +244,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
     SkipReason session_skip = SkipReason::None;
     uint64_t min_block = 0;
     std::optional<reclaim::PrivateMode> mode;
+    uint64_t rate = 0;
     {
       std::lock_guard lk(mu);
       if (!vr.started) return true;
@@ -265,6 +266,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       session_skip = s.skip_reason(queue);
       min_block = role == QueueRole::Reporting ? s.min_block_locked() : 0;
       mode = s.private_mode_locked();
+      rate = s.rate_limit_locked();
       s.taken_locked(queue);
     }
 
@@ -327,7 +329,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
     uint64_t request_bytes = 0;
     for (const auto& v : plan.per_node)
       for (const auto& t : v) request_bytes += t.length;
-    const auto due = s.rate_reserve(request_bytes);
+    const auto due = s.rate_reserve(request_bytes, rate);
     for (size_t n = 0; n < plan.per_node.size(); ++n) {
       if (plan.per_node[n].empty()) continue;
       uint64_t batch_bytes = 0;

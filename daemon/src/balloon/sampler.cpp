@@ -62,12 +62,11 @@ void sample_session(Session& s) {
   uint64_t recent = 0;
   const uint64_t back = s.refaults().sample(RefaultTracker::Clock::now(), bo.window(), &recent);
   vm.refaulted(back);
-  if (bo.refaulted(recent)) {
-    const auto snap = bo.snapshot();
+  const bool hold_started = bo.refaulted(recent);
+  const auto snap = bo.snapshot();
+  if (hold_started)
     log::info("backoff", "vm={} refaults {:.0f}% of what was discarded: holding discards off for {:.0f} s "
               "(hold {})", info.name, snap.trigger_share * 100, snap.hold_left_seconds, snap.holds);
-  }
-  const auto snap = bo.snapshot();
   vm.set_backoff(snap.state == RefaultBackoff::State::Holding, snap.holds, snap.share);
   // Headroom, once the guest has told us what it has free (stats queue).
   if (auto gs = s.stats().latest()) {

@@ -149,15 +149,6 @@ VmPolicy Session::policy() const {
   return policy_;
 }
 
-std::chrono::steady_clock::time_point Session::rate_reserve(uint64_t bytes) {
-  uint64_t rate;
-  {
-    std::lock_guard lk(mu_);
-    rate = policy_.rate_limit;
-  }
-  return rate_.reserve(bytes, rate);
-}
-
 void Session::run_batch_at(uint32_t queue, std::chrono::steady_clock::time_point due, reclaim::Batch b) {
   if (due > std::chrono::steady_clock::now()) {
     // Over the VM's rate: the request waits here, on its own session, not
@@ -166,10 +157,14 @@ void Session::run_batch_at(uint32_t queue, std::chrono::steady_clock::time_point
     deferred_count_.store(static_cast<int>(deferred_.size()), std::memory_order_relaxed);
     return;
   }
-  // Cheap work (a hugetlb request: tens of microseconds in the kernel) is
-  // done here, on the thread that took the kick: handing it to the node's
-  // pipeline and back would cost as much as the discard itself. Expensive
-  // work goes to the node's pipeline (node_pipeline.h).
+  dispatch(b);
+}
+
+void Session::dispatch(reclaim::Batch& b) {
+  // Cheap work (a hugetlb request: tens to hundreds of microseconds in the
+  // kernel) is done here, on the thread that took the kick: handing it to
+  // the node's pipeline and back would cost as much as the discard itself.
+  // Expensive work goes to the node's pipeline (node_pipeline.h).
   if (!ctx_.pipelines.try_run_inline(b)) ctx_.pipelines.submit(std::move(b));
 }
 
@@ -183,8 +178,7 @@ void Session::run_deferred(bool all, int queue) {
     return go;
   });
   deferred_count_.store(static_cast<int>(deferred_.size()), std::memory_order_relaxed);
-  for (auto& b : ready)
-    if (!ctx_.pipelines.try_run_inline(b)) ctx_.pipelines.submit(std::move(b));
+  for (auto& b : ready) dispatch(b);
 }
 
 std::optional<std::chrono::steady_clock::time_point> Session::next_deferred() const {

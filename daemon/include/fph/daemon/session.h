@@ -240,9 +240,13 @@ class Session : public std::enable_shared_from_this<Session> {
   // The VM policy's minimum reported block (0: any); session lock held.
   uint64_t min_block_locked() const { return policy_.min_block; }
   std::optional<reclaim::PrivateMode> private_mode_locked() const { return policy_.mode; }
+  uint64_t rate_limit_locked() const { return policy_.rate_limit; }  // bytes/s, 0: none
   // The VM's rate limit (queue service, session thread): when a request of
-  // `bytes` may start. Now when the VM has no rate limit of its own.
-  std::chrono::steady_clock::time_point rate_reserve(uint64_t bytes);
+  // `bytes` may start at `rate` (rate_limit_locked(), read with the chain).
+  // Now when the VM has no rate limit of its own.
+  std::chrono::steady_clock::time_point rate_reserve(uint64_t bytes, uint64_t rate) {
+    return rate_.reserve(bytes, rate);
+  }
   // Queue service, session thread: runs `b` (inline if cheap, else on the
   // node pipeline) at `due`, or now if `due` has passed.
   void run_batch_at(uint32_t queue, std::chrono::steady_clock::time_point due, reclaim::Batch b);
@@ -276,6 +280,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // Batches waiting for the VM's rate limit (session thread only): runs
   // those due (all of them for `queue`, or all if queue < 0 and `all`).
   void run_deferred(bool all, int queue = -1);
+  // Runs a batch that is due: inline if cheap, else on its node's pipeline.
+  void dispatch(reclaim::Batch& b);
   std::optional<std::chrono::steady_clock::time_point> next_deferred() const;
   // A region of this VM's memory took a SIGBUS (the front end shrank its
   // file, memory_guard.h): logs and counts it once and closes the session.
