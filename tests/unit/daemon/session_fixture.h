@@ -86,4 +86,9 @@ struct RunningVm {
   }
 };
 
+// fphd_protocol_errors_total{reason} of the daemon's VMs.
+inline double errors(Daemon& d, const std::string& reason) {
+  return d.value("fphd_protocol_errors_total", {{"reason", reason}});
+}
+
 }  // namespace fph::testing_support

@@ -27,10 +27,6 @@ namespace balloon = proto::balloon;
 
 namespace {
 
-double errors(Daemon& d, const std::string& reason) {
-  return d.value("fphd_protocol_errors_total", {{"reason", reason}});
-}
-
 // Whether the back end closed the connection within 10 s (EOF, no message).
 bool closed_by_peer(FrontEnd& fe) {
   pollfd p{fe.sock.get(), POLLIN, 0};

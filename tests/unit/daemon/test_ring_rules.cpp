@@ -23,10 +23,6 @@ namespace balloon = proto::balloon;
 
 namespace {
 
-double errors(Daemon& d, const std::string& reason) {
-  return d.value("fphd_protocol_errors_total", {{"reason", reason}});
-}
-
 // A chain was posted and kicked: whether fphd served it within `ms`. A
 // stopped ring must leave it alone; a message round trip first makes sure
 // the session has handled everything sent before.
