@@ -15,6 +15,7 @@ bool HeapTrim::due(uint64_t bursts, Clock::time_point last, Clock::time_point no
 
 bool HeapTrim::run(uint64_t bursts, Clock::time_point last, Clock::time_point now) {
   if (!due(bursts, last, now)) return false;
+  if (::mallinfo2().fordblks < kMinFreeBytes) return false;
   (void)::malloc_trim(0);
   return true;
 }
