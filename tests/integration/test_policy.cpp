@@ -218,7 +218,8 @@ ChurnRun run_churn(bool backoff, int seconds) {
   Daemon d(kBackoffToml, {"--backoff", backoff ? "on" : "off"});
   auto churn = start_guest(d, "churn", {"--memory", "256M", "--workload",
                                         "churn:128M:" + std::to_string(seconds)});
-  auto idle = start_guest(d, "idle", {"--memory", "128M", "--workload", "alloc-free:64M:0",
+  // Held 500 ms once written, so the sampled peak is the real one.
+  auto idle = start_guest(d, "idle", {"--memory", "128M", "--workload", "alloc-free:64M:500",
                                       "--workload-on-signal"});
   ChurnRun out;
   if (!churn->wait_event("ready") || !idle->wait_event("ready")) {
