@@ -275,14 +275,8 @@ ScaleResult run_scale(int vms) {
   // Who: the session threads ("vm:NAME") and the rest, by thread name.
   r.idle_session_pct = it1.since(it0, "vm:").first / r.idle_window_s * 100.0;
   {
-    std::map<std::string, double> by;
-    for (const auto& [tid, x] : it1.tasks) {
-      auto b = it0.tasks.find(tid);
-      const std::string name = x.comm.rfind("vm:", 0) == 0 ? "vm:*" : x.comm;
-      by[name] += x.run_s - (b == it0.tasks.end() ? 0 : b->second.run_s);
-    }
     std::vector<std::pair<double, std::string>> v;
-    for (const auto& [name, c] : by) v.emplace_back(c, name);
+    for (const auto& [name, c] : it1.by_class(it0)) v.emplace_back(c, name);
     std::sort(v.rbegin(), v.rend());
     for (size_t k = 0; k < v.size() && k < 4; ++k) {
       char buf[96];

@@ -10,9 +10,9 @@
 
 #include <pthread.h>
 #include <tbb/info.h>
-#include <time.h>
 #include <tbb/parallel_pipeline.h>
 #include <tbb/task_arena.h>
+#include <time.h>
 
 #include <algorithm>
 #include <condition_variable>

@@ -1,7 +1,7 @@
 #include "fph/daemon/admin.h"
 
-#include <pthread.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>

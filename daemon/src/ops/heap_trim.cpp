@@ -5,9 +5,8 @@
 namespace fph::daemon {
 
 bool HeapTrim::due(uint64_t bursts, Clock::time_point last, Clock::time_point now) {
-  const bool settled = bursts != trimmed_ && (bursts == seen_ || now - last >= kSettle);
+  const bool settled = bursts != trimmed_ && now - last >= kSettle;
   const bool overdue = bursts - trimmed_ >= kMaxBurstsUntrimmed;
-  seen_ = bursts;
   if (!settled && !overdue) return false;
   trimmed_ = bursts;
   return true;

@@ -15,17 +15,15 @@ namespace {
 // The registry as the endpoint sees it, counting scrapes (Metrics::heap_bursts).
 class CountingCollectable final : public prometheus::Collectable {
  public:
-  CountingCollectable(std::shared_ptr<prometheus::Registry> r, std::atomic<uint64_t>& n, Metrics& m)
-      : registry_(std::move(r)), n_(n), m_(m) {}
+  CountingCollectable(std::shared_ptr<prometheus::Registry> r, Metrics& m)
+      : registry_(std::move(r)), m_(m) {}
   std::vector<prometheus::MetricFamily> Collect() const override {
-    m_.heap_burst_began();
-    n_.fetch_add(1, std::memory_order_relaxed);
+    m_.scrape_began();
     return registry_->Collect();
   }
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
-  std::atomic<uint64_t>& n_;
   Metrics& m_;
 };
 
@@ -316,7 +314,7 @@ Metrics::Metrics(const std::string& bind, int nodes)
   }
   if (!bind.empty()) {
     exposer_ = std::make_unique<prometheus::Exposer>(bind);
-    counted_registry_ = std::make_shared<CountingCollectable>(registry_, scrapes_, *this);
+    counted_registry_ = std::make_shared<CountingCollectable>(registry_, *this);
     exposer_->RegisterCollectable(counted_registry_);
   }
 }
@@ -348,6 +346,10 @@ void Metrics::session_closed() {
   sessions_gauge_->Decrement();
   heap_burst_began();
   sessions_closed_.fetch_add(1, std::memory_order_relaxed);
+}
+void Metrics::scrape_began() {
+  heap_burst_began();
+  scrapes_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Metrics::heap_burst_began() {

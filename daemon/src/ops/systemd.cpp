@@ -1,7 +1,7 @@
 #include "fph/daemon/systemd.h"
 
-#include <pthread.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <systemd/sd-daemon.h>

@@ -37,9 +37,9 @@ TEST(HeapTrim, TrimsOnceABurstHasSettledAndWhenBurstsNeverSettle) {
   EXPECT_FALSE(t.due(0, at(0), at(0)));  // nothing happened yet
   EXPECT_FALSE(t.due(0, at(0), at(1000)));
   EXPECT_FALSE(t.due(1, at(1990), at(2000)));  // a scrape began 10 ms ago: being served
-  EXPECT_TRUE(t.due(1, at(1990), at(3000)));   // the count held still for a pass: trim
+  EXPECT_TRUE(t.due(1, at(1990), at(3000)));   // began a pass ago: trim
   EXPECT_FALSE(t.due(1, at(1990), at(4000)));  // once
-  EXPECT_TRUE(t.due(2, at(4100), at(5000)));   // began 900 ms ago: over, no need to wait a pass
+  EXPECT_TRUE(t.due(2, at(4100), at(4300)));   // began kSettle ago: over
   EXPECT_FALSE(t.due(4, at(5950), at(6000)));  // two more (sessions closing), just now
   EXPECT_TRUE(t.due(4, at(5950), at(7000)));
   // A scraper faster than the sampler never lets the count settle: trimmed

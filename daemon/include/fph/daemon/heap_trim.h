@@ -9,12 +9,11 @@
 // the RssAnon an operator sees tracks what fphd holds, not its last peak.
 //
 // The sampler thread asks once per pass: a trim is due when the burst count
-// (Metrics::heap_bursts) moved and the last burst began kSettle ago or the
-// count held still for one pass (the scrape's text is written, the teardown
-// over), or when it moved kMaxBurstsUntrimmed times without settling (a
-// scraper faster than the sampler). Nothing else calls it: a
-// trim walks every arena under its lock, which the data path should not
-// wait on more often than that.
+// (Metrics::heap_bursts) moved and the last burst began kSettle ago (the
+// scrape's text is written, the teardown over), or when it moved
+// kMaxBurstsUntrimmed times without settling (a scraper faster than the
+// sampler). Nothing else calls it: a trim walks every arena under its lock,
+// which the data path should not wait on more often than that.
 #pragma once
 
 #include <chrono>
@@ -41,7 +40,6 @@ class HeapTrim {
 
  private:
   uint64_t trimmed_ = 0;  // the count at the last trim
-  uint64_t seen_ = 0;     // the count at the last call
 };
 
 }  // namespace fph::daemon

@@ -195,7 +195,8 @@ class Metrics {
     return std::chrono::steady_clock::time_point(
         std::chrono::steady_clock::duration(last_burst_.load(std::memory_order_relaxed)));
   }
-  void heap_burst_began();  // stamps last_heap_burst()
+  // Called by the endpoint's registry wrapper as each scrape is collected.
+  void scrape_began();
   void protocol_error_unnamed(const std::string& reason);  // before a session has a name
   void discard_syscalls(int node, reclaim::Method m, uint64_t n);
   // Node view (sampled by the NodeCollector).
@@ -204,6 +205,7 @@ class Metrics {
  private:
   friend class VmMetrics;
   std::shared_ptr<prometheus::Registry> registry_;
+  void heap_burst_began();  // stamps last_heap_burst()
   std::atomic<uint64_t> scrapes_{0}, sessions_closed_{0};
   std::atomic<std::chrono::steady_clock::rep> last_burst_{0};
   std::shared_ptr<prometheus::Collectable> counted_registry_;  // registry_, counting scrapes_
