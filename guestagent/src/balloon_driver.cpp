@@ -21,14 +21,20 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+// The driver whose loop runs on this thread (set once by its thread).
+thread_local const BalloonDriver* t_driver_on_this_thread = nullptr;
+
 Unexpected<FrontendError> fe_error(FrontendErrc c, std::string msg) {
   return Unexpected<FrontendError>{FrontendError{c, std::move(msg)}};
 }
 
+// One read: a (non-semaphore) eventfd read returns the whole count and
+// resets it, so a second read could only fail with EAGAIN, a syscall per
+// request for nothing. A write after this read makes the fd readable again,
+// and the loop's next poll sees it.
 void drain_eventfd(int fd) {
   uint64_t v = 0;
-  while (::read(fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v)) {
-  }
+  (void)!::read(fd, &v, sizeof v);
 }
 
 void signal_eventfd(int fd) {
@@ -84,7 +90,13 @@ BalloonDriver::BalloonDriver(GuestMemory& mem, BuddyAllocator& buddy, std::mutex
   reporting_ = std::make_unique<PageReporting>(
       buddy_, zone_, opts_.reporting, [this](const ReportRequest& r) { return post(r); });
   // A pass newly due or a paused pass resumable: wake the driver thread.
-  reporting_->set_wakeup([this] { signal_eventfd(wake_fd_.get()); });
+  reporting_->set_wakeup([this] {
+    if (t_driver_on_this_thread == this) {
+      reporting_woken_here_ = true;
+      return;
+    }
+    signal_eventfd(wake_fd_.get());
+  });
   // The stats queue needs its own ring slot in guest memory.
   if (mem_.ring_count() <= ring_slot(proto::balloon::QueueRole::Stats, 0)) opts_.frontend.stats = false;
   if (opts_.balloon && mem_.ring_count() > ring_slot(proto::balloon::QueueRole::Deflate, 1)) {
@@ -659,6 +671,7 @@ void BalloonDriver::Device::switch_to(std::unique_ptr<Frontend> fe, Connector co
 void BalloonDriver::start() {
   thread_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "fph-driver");  // top -H, perf
+    t_driver_on_this_thread = this;
     loop();
     if (fe_ && stop_.load()) shutdown();
     finish(Exit::Stopped, "stopped");
@@ -712,6 +725,7 @@ void BalloonDriver::loop() {
     }
     auto now = Clock::now();
     auto next = Clock::time_point::max();
+    reporting_woken_here_ = false;  // what woke it so far is seen by this poll
     if (reporting_enabled_) next = reporting_->poll(now);
     if (epoch_polling_) next = std::min(next, next_epoch_poll_);
     if (balloon_active_ && opts_.balloon_poll.count() > 0) next = std::min(next, next_balloon_poll_);
@@ -722,6 +736,7 @@ void BalloonDriver::loop() {
       wait = std::min(wait, std::chrono::ceil<std::chrono::milliseconds>(
                                 std::max(next - now, Clock::duration::zero())));
     }
+    if (reporting_woken_here_) continue;  // raised during the reporting poll: again
     pollfd p[4] = {{wake_fd_.get(), POLLIN, 0},
                    {report_q_ >= 0 ? queues_[static_cast<size_t>(report_q_)].call.get() : -1,
                     POLLIN, 0},

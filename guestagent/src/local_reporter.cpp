@@ -17,10 +17,9 @@ void signal_fd(int fd) {
   const uint64_t one = 1;
   (void)!::write(fd, &one, sizeof one);
 }
-void drain_fd(int fd) {
+void drain_fd(int fd) {  // an eventfd: one read takes the whole count
   uint64_t v = 0;
-  while (::read(fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v)) {
-  }
+  (void)!::read(fd, &v, sizeof v);
 }
 }  // namespace
 
