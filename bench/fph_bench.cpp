@@ -15,14 +15,23 @@
 //   2. N x fph-guest --connect SOCK --memory M [--hugetlb]
 //        --workload alloc-free:<90% of M>:HOLD --reporting-delay-ms 0
 //        --announce-reported --defer-report-events
+//        --balloon-poll-ms 0 --epoch-poll-ms 0
 //                               (reporting order 9, capacity 32,
 //        max-inflight 1: the Linux defaults)
 //      Each guest writes 90% of its RAM, holds it, verifies it and frees it;
 //      its page reporting then posts the freed max-order blocks, 32 per
-//      request, one request in flight at a time.
+//      request, one request in flight at a time. The guests' periodic
+//      GET_CONFIG polls (balloon target every 500 ms, epoch every 1 s; a
+//      Linux guest is told by a config interrupt instead) are off: with fphd
+//      stopped at the gate for the hold, every guest's poll fell due and its
+//      driver waited on it, so each window began with 16 control round trips
+//      on both sides and the first requests posted only after them.
 //   3. Gate: the bench opens every guest's RAM memfd itself (through
 //      /proc/PID/fd) and watches st_blocks. When every guest has populated
-//      its 90%, fphd is stopped (SIGSTOP); when every guest has emitted
+//      its 90%, and then 300 ms before the first guest's hold ends (so fphd
+//      is stopped for about half a second, not the whole hold: periodic work
+//      such as each VM's 5 s stats request and the 1 s sampler pass must not
+//      all fall due at t0), fphd is stopped (SIGSTOP); when every guest has emitted
 //      workload_freed (its first request is posted and kicked), the bench
 //      samples st_blocks and fphd's CPU and continues fphd (SIGCONT): t0.
 //      So the window contains reporting and discarding only, never the
@@ -47,7 +56,8 @@
 //      gate) are excluded. p50/p99 pool all requests of all repetitions.
 //      The block size the guests report (bytes/blocks of report_done) and the
 //      one fphd issues (fphd_discarded_bytes_total / fphd_discard_syscalls_total
-//      delta, fphd coalesces adjacent ranges up to 16 MiB) are both reported.
+//      delta: fphd coalesces adjacent ranges, up to 16 MiB on shmem and
+//      256 MiB on hugetlbfs) are both reported.
 // Raw limit ("raw/<backing>/guests:N"), in this process: N memfds of the same
 // sizes (MFD_HUGETLB for hugetlb), mapped MAP_SHARED and populated the same way
 // (every 4 KiB page of the same number of bytes written, the mapping kept like
@@ -63,6 +73,10 @@
 // and a kick eventfd to one responder process (fph-bench exec'd in a hidden
 // mode) that has one thread per guest: it wakes on the kick, punches the
 // ranges (fallocate, one call per descriptor) and writes the call eventfd.
+// The responder maps every guest's RAM (MAP_SHARED, one page touched), as a
+// vhost-user back end must to read the rings: a punch then also walks that
+// mapping, as it walks fphd's (+8% of the responder's CPU, 16 hugetlb guests;
+// before 2026-12-05 the floor did not map, and was that much lower).
 // Wall time from the release of the guests to the last call read;
 // reclaimed from st_blocks; CPU of the responder (compared with fphd's) and
 // of the guests, from schedstat like fphd's; latency kick -> call per request.

@@ -39,11 +39,18 @@ int64_t GuestFleet::total_bytes() const {
 
 std::string GuestFleet::wait_populated(const std::vector<std::unique_ptr<Process>>& guests, int64_t bytes,
                                        Clock::time_point start, std::chrono::milliseconds patience,
-                                       std::chrono::milliseconds poll, Order order) const {
+                                       std::chrono::milliseconds poll, Order order,
+                                       std::vector<Clock::time_point>* held_at) const {
+  if (held_at) held_at->assign(guests.size(), Clock::time_point::max());
   for (size_t next = 0;;) {
     if (order == Order::kAll) {
       bool all = true;
-      for (size_t i = 0; i < guests.size() && all; ++i) all = guest_bytes(i) >= bytes;
+      for (size_t i = 0; i < guests.size(); ++i) {
+        const bool held = guest_bytes(i) >= bytes;
+        if (held && held_at && (*held_at)[i] == Clock::time_point::max()) (*held_at)[i] = Clock::now();
+        all = all && held;
+        if (!all && !held_at) break;
+      }
       if (all) return "";
       for (size_t i = 0; i < guests.size(); ++i)
         if (!guests[i]->running())

@@ -42,9 +42,11 @@ class GuestFleet {
   enum class Order { kAll, kInOrder };
   // Polls every `poll` until every guest holds at least `bytes` of RAM;
   // fails if a guest exits first or `patience` after `start`. "" or the error.
+  // `held_at` (kAll only), if given: when each guest was first seen holding.
   std::string wait_populated(const std::vector<std::unique_ptr<Process>>& guests, int64_t bytes,
                              Clock::time_point start, std::chrono::milliseconds patience,
-                             std::chrono::milliseconds poll, Order order) const;
+                             std::chrono::milliseconds poll, Order order,
+                             std::vector<Clock::time_point>* held_at = nullptr) const;
 
  private:
   std::vector<std::vector<int>> per_guest_;
