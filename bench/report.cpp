@@ -65,6 +65,7 @@ void print_floor_table(FILE* out) {
       std::string verdict = std::string(t_ratio >= 0.9 ? "tput MET" : "tput MISSED") + ", " +
                             (c_ratio <= 1.1 ? "cpu MET" : "cpu MISSED");
       if (g < 4) verdict = "(not judged, < 4 guests) " + verdict;
+      if (!sc.hugetlb()) verdict = "(shmem: judged against raw) " + verdict;
       std::fprintf(out,
                    "%-8s %6d | %9.2f %9.2f %9.2f | %9.2f %9.2f | %9.2f %9.2f | %8.0f %8.0f | %6.2f %6.2f | %s\n",
                    b.c_str(), g, median(et) / kGiBd, median(ft) / kGiBd, median(rt) / kGiBd, t_ratio, median(tr),
@@ -84,7 +85,8 @@ void print_table(FILE* out) {
                human_bytes(static_cast<double>(g_opt.total)).c_str(), g_opt.threads, g_opt.repetitions);
   std::fprintf(out, "%-8s %6s %9s | %9s %9s %6s | %9s %9s %6s | %8s %8s | %9s %9s | %s\n", "backing",
                "guests", "per-guest", "e2e GiB/s", "raw GiB/s", "ratio", "e2e s/GiB", "raw s/GiB",
-               "ratio", "p50 us", "p99 us", "reported", "issued", "target (>=0.9 tput, <=1.1 cpu)");
+               "ratio", "p50 us", "p99 us", "reported", "issued",
+               "target (shmem: >=0.95 tput, <=1.05 cpu; hugetlb: against the floor)");
   for (const auto& b : g_opt.backings) {
     for (int g : g_opt.guests) {
       const Scenario sc = make_scenario(b, g);
@@ -128,10 +130,16 @@ void print_table(FILE* out) {
       }
       const double tr = ptr.empty() ? std::nan("") : median(ptr);
       const double cr = pcr.empty() ? std::nan("") : median(pcr);
+      // Issue 12's targets against the raw loop: shmem only (hugetlb's
+      // per-request cost is judged against the wakeup floor).
+      constexpr double kMinTput = 0.95, kMaxCpu = 1.05;
       std::string verdict;
       if (rs.empty()) verdict = "no raw result";
-      else if (g < 4) verdict = std::string("(not judged, < 4 guests) ") + (tr >= 0.9 && cr <= 1.1 ? "would meet" : "would miss");
-      else verdict = std::string(tr >= 0.9 ? "tput MET" : "tput MISSED") + ", " + (cr <= 1.1 ? "cpu MET" : "cpu MISSED");
+      else if (sc.hugetlb()) verdict = "(see the floor table)";
+      else if (g < 4)
+        verdict = std::string("(not judged, < 4 guests) ") + (tr >= kMinTput && cr <= kMaxCpu ? "would meet" : "would miss");
+      else
+        verdict = std::string(tr >= kMinTput ? "tput MET" : "tput MISSED") + ", " + (cr <= kMaxCpu ? "cpu MET" : "cpu MISSED");
       std::fprintf(out, "%-8s %6d %9s | %9.2f %9.2f %6.2f | %9.3f %9.3f %6.2f | %8.0f %8.0f | %9s %9s | %s\n",
                    b.c_str(), g, human_bytes(static_cast<double>(sc.mem)).c_str(), e_t / kGiBd, r_t / kGiBd, tr,
                    e_c, r_c, cr, percentile(lat, 50), percentile(lat, 99),
