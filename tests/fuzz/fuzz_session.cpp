@@ -134,8 +134,41 @@ struct Model {
   std::vector<std::pair<uint64_t, FileRange>> ring_files;  // (ino, file range) of ring areas
   bool ring_clobbered = false;  // a (legal) discard hit a ring area: used rings unreliable
   std::string suspects;         // known work-in-progress cases seen in this program
+  // Bumped (under mu) by every change of `pending` or of an offer's `legal`:
+  // covered() rebuilds its merged view only then, not per discard (an
+  // inflate of 256 PFNs is up to 256 discards; sorting every legal range per
+  // discard was most of this target's CPU).
+  uint64_t gen = 0;
+  void changed() { ++gen; }
 
+  // Is [off, off + len) of file `ino` inside the union of the legal ranges
+  // of the pending offers?
   bool covered(uint64_t ino, uint64_t off, uint64_t len) {
+    if (merged_gen_ != gen) rebuild();
+    const bool fast = covered_merged(ino, off, len);
+    if (check_cover_) {
+      const bool slow = covered_by_sorting(ino, off, len);
+      if (fast != slow) {
+        std::fprintf(stderr, "fuzz_session: covered() merged view says %d, a full sort %d\n", fast, slow);
+        std::abort();
+      }
+    }
+    return fast;
+  }
+
+ private:
+  bool covered_merged(uint64_t ino, uint64_t off, uint64_t len) const {
+    if (len == 0) return true;
+    auto m = merged_.find(ino);
+    if (m == merged_.end()) return false;
+    const auto& iv = m->second;  // sorted, disjoint, touching ones joined
+    auto it = std::upper_bound(iv.begin(), iv.end(), off,
+                               [](uint64_t x, const std::pair<uint64_t, uint64_t>& r) { return x < r.first; });
+    if (it == iv.begin()) return false;
+    --it;
+    return it->second >= off + len;
+  }
+  bool covered_by_sorting(uint64_t ino, uint64_t off, uint64_t len) const {
     std::vector<std::pair<uint64_t, uint64_t>> iv;
     for (const auto& o : pending)
       for (const auto& r : o.legal)
@@ -150,6 +183,26 @@ struct Model {
     }
     return at >= end;
   }
+  void rebuild() {
+    std::map<uint64_t, std::vector<std::pair<uint64_t, uint64_t>>> all;
+    for (const auto& o : pending)
+      for (const auto& r : o.legal)
+        if (r.len) all[r.ino].emplace_back(r.off, r.off + r.len);
+    merged_.clear();
+    for (auto& [ino, iv] : all) {
+      std::sort(iv.begin(), iv.end());
+      auto& out = merged_[ino];
+      for (const auto& [a, b] : iv) {
+        if (!out.empty() && a <= out.back().second) out.back().second = std::max(out.back().second, b);
+        else out.emplace_back(a, b);
+      }
+    }
+    merged_gen_ = gen;
+  }
+  std::map<uint64_t, std::vector<std::pair<uint64_t, uint64_t>>> merged_;
+  uint64_t merged_gen_ = ~0ull;
+  // FPH_FUZZ_CHECK_COVER=1: every answer checked against a full sort.
+  const bool check_cover_ = std::getenv("FPH_FUZZ_CHECK_COVER") != nullptr;
 };
 
 Model* g_model = nullptr;
@@ -197,6 +250,7 @@ class RecordingDiscarder final : public reclaim::Discarder {
         // at yet (the session took it while handling the step) is legal too.
         const auto now = table_of(*g_session->table());
         for (auto& o : g_model->pending) add_legal(o, now);
+        g_model->changed();
       }
       if (!g_model->covered(st.st_ino, t.fd_offset, t.length)) {
         std::string offers;
@@ -514,6 +568,7 @@ void Program::rewind(int loc, uint16_t base) {
     Offer o{loc, L.owner, h, L.chain_descs[h], L.chain.count(h) ? L.chain[h] : std::vector<Buf>{}, {}};
     add_legal(o, table_);
     sh_.model.pending.push_back(std::move(o));
+    sh_.model.changed();
   }
 }
 
@@ -540,6 +595,7 @@ void Program::check_table() {
   // Every pending offer: its buffers under this table are legal to discard.
   std::lock_guard lk(sh_.model.mu);
   for (auto& o : sh_.model.pending) add_legal(o, table_);
+  sh_.model.changed();
 }
 
 void Program::check_used() {
@@ -589,7 +645,10 @@ void Program::check_used() {
                              [&](const Offer& o) { return o.q == L.owner && o.head == h && o.loc == l; });
       if (it == pend.end())
         it = std::find_if(pend.begin(), pend.end(), [&](const Offer& o) { return o.q == L.owner && o.head == h; });
-      if (it != pend.end()) pend.erase(it);
+      if (it != pend.end()) {
+        pend.erase(it);
+        sh_.model.changed();
+      }
     }
     L.last_used = idx;
   }
@@ -862,6 +921,7 @@ void Program::offer(Input& in) {
         Offer o{loc, static_cast<int>(q), h, dlist[i], descr[i], {}};
         add_legal(o, table_);
         sh_.model.pending.push_back(std::move(o));
+        sh_.model.changed();
       }
     }
     put16(lg + kAvailOff + 2, L.avail_idx);
@@ -901,6 +961,7 @@ void Program::run(Input& in) {
   {
     std::lock_guard lk(sh_.model.mu);
     sh_.model.pending.clear();
+    sh_.model.changed();
     sh_.model.ring_files.clear();
     sh_.model.ring_clobbered = false;
     sh_.model.suspects.clear();
@@ -1149,6 +1210,7 @@ void Program::teardown() {
     session_.reset();
     sh_.model.active = false;
     sh_.model.pending.clear();
+    sh_.model.changed();
   }
   if (fe_ >= 0) ::close(fe_);
   for (int e : efds_) ::close(e);
