@@ -330,7 +330,8 @@ class LoadFailure : public ::testing::Test {
 
 TEST_F(LoadFailure, TruncatedBlob) {
   auto b = good();
-  b.resize(b.size() - 5);
+  ASSERT_GT(b.size(), 5u);
+  b.erase(b.end() - 5, b.end());  // not resize(): GCC 12 warned of a huge default-append
   EXPECT_EQ(load(b), 1u);
   expect_failed("invalid", "blob.");
 }
