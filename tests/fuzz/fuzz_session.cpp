@@ -561,8 +561,17 @@ void Program::rewind(int loc, uint16_t base) {
   if (L.num == 0 || dist > L.num || L.owner < 0) return;
   std::lock_guard lk(sh_.model.mu);
   for (uint16_t i = base; i != L.avail_idx; ++i) {
-    if (i >= L.hist.size()) continue;
-    const uint16_t h = L.hist[i];
+    // The head the device will read is what the avail slot holds now, not
+    // only what this program published there: a slot below an avail index
+    // that SET_VRING_BASE moved past was never written and reads as head 0
+    // (found by libFuzzer: fphd served such a head 0 twice, legally, and
+    // the model had counted one offer). Within `num` entries of avail_idx
+    // the slot holds the last value published there, i.e. hist[i].
+    const uint8_t* slot = guest(kLocGpa[loc] + kAvailOff + 4 + 2ull * (i % L.num), 2);
+    uint16_t h = 0;
+    if (slot) std::memcpy(&h, slot, 2);
+    else if (i < L.hist.size()) h = L.hist[i];
+    else continue;
     if (h >= L.num) continue;
     rings_[L.owner].offered[h]++;
     Offer o{loc, L.owner, h, L.chain_descs[h], L.chain.count(h) ? L.chain[h] : std::vector<Buf>{}, {}};
