@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "eventfd_wake.h"
 #include "fph/common/log.h"
 #include "fph/proto/balloon_stats.h"
 
@@ -26,21 +27,6 @@ thread_local const BalloonDriver* t_driver_on_this_thread = nullptr;
 
 Unexpected<FrontendError> fe_error(FrontendErrc c, std::string msg) {
   return Unexpected<FrontendError>{FrontendError{c, std::move(msg)}};
-}
-
-// One read: a (non-semaphore) eventfd read returns the whole count and
-// resets it, so a second read could only fail with EAGAIN, a syscall per
-// request for nothing. A write after this read makes the fd readable again,
-// and the loop's next poll sees it.
-void drain_eventfd(int fd) {
-  uint64_t v = 0;
-  (void)!::read(fd, &v, sizeof v);
-}
-
-void signal_eventfd(int fd) {
-  const uint64_t one = 1;
-  // EAGAIN only if the counter is at its maximum: a wakeup is pending anyway.
-  (void)!::write(fd, &one, sizeof one);
 }
 
 }  // namespace

@@ -6,22 +6,12 @@
 
 #include <algorithm>
 
+#include "eventfd_wake.h"
 #include "fph/common/log.h"
 
 namespace fph::guest {
 
 using Clock = std::chrono::steady_clock;
-
-namespace {
-void signal_fd(int fd) {
-  const uint64_t one = 1;
-  (void)!::write(fd, &one, sizeof one);
-}
-void drain_fd(int fd) {  // an eventfd: one read takes the whole count
-  uint64_t v = 0;
-  (void)!::read(fd, &v, sizeof v);
-}
-}  // namespace
 
 std::string_view to_string(LocalMethod m) {
   return m == LocalMethod::Free ? "free" : "dontneed";
@@ -37,7 +27,7 @@ LocalReporter::LocalReporter(GuestMemory& mem, BuddyAllocator& buddy, std::mutex
       done_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   reporting_ = std::make_unique<PageReporting>(
       buddy_, zone_, opts_.reporting, [this](const ReportRequest& r) { return post(r); });
-  reporting_->set_wakeup([this] { signal_fd(wake_fd_.get()); });
+  reporting_->set_wakeup([this] { signal_eventfd(wake_fd_.get()); });
 }
 
 LocalReporter::~LocalReporter() {
@@ -66,7 +56,7 @@ bool LocalReporter::post(const ReportRequest& r) {
     pending_.push_back(std::move(copy));
   }
   inflight_++;
-  signal_fd(wake_fd_.get());
+  signal_eventfd(wake_fd_.get());
   return true;
 }
 
@@ -121,13 +111,13 @@ void LocalReporter::start() {
       exit_msg_ = "stopped";
       exit_.store(Exit::Stopped);
     }
-    signal_fd(done_fd_.get());
+    signal_eventfd(done_fd_.get());
   });
 }
 
 void LocalReporter::request_stop() {
   stop_.store(true);
-  if (wake_fd_) signal_fd(wake_fd_.get());
+  if (wake_fd_) signal_eventfd(wake_fd_.get());
 }
 
 void LocalReporter::join() {
@@ -157,7 +147,7 @@ void LocalReporter::loop() {
       wait = std::min(wait, std::chrono::ceil<std::chrono::milliseconds>(
                                 std::max(next - now, Clock::duration::zero())));
     pollfd p{wake_fd_.get(), POLLIN, 0};
-    if (::poll(&p, 1, static_cast<int>(wait.count())) > 0) drain_fd(wake_fd_.get());
+    if (::poll(&p, 1, static_cast<int>(wait.count())) > 0) drain_eventfd(wake_fd_.get());
   }
   // Stopping: requests already posted are still isolated; finish them so
   // every block is back on the free lists (the device always returns chains).
