@@ -48,7 +48,12 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/registry.h>
 
 #include "fph/common/log.h"
 #include "fph/daemon/session.h"
@@ -124,6 +129,31 @@ struct Offer {
   std::vector<uint16_t> descs;         // descriptor indices it occupies
   std::vector<Buf> bufs;               // as described (plus PFN ranges of readable buffers)
   std::vector<FileRange> legal;        // file ranges under every table seen while pending
+
+  // Is [off, off + len) of file `ino` inside this offer's own legal ranges?
+  // A discard nearly always is (it comes from one buffer of one chain).
+  bool covers(uint64_t ino, uint64_t off, uint64_t len) {
+    if (sorted_from_ != legal.size()) {  // `legal` grew: sort and join again
+      std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> iv;
+      for (const auto& r : legal)
+        if (r.len) iv.emplace_back(r.ino, r.off, r.off + r.len);
+      std::sort(iv.begin(), iv.end());
+      sorted_.clear();
+      for (const auto& [i, a, b] : iv) {
+        if (!sorted_.empty() && std::get<0>(sorted_.back()) == i && a <= std::get<2>(sorted_.back()))
+          std::get<2>(sorted_.back()) = std::max(std::get<2>(sorted_.back()), b);
+        else sorted_.emplace_back(i, a, b);
+      }
+      sorted_from_ = legal.size();
+    }
+    auto it = std::upper_bound(sorted_.begin(), sorted_.end(), std::make_tuple(ino, off, ~0ull));
+    if (it == sorted_.begin()) return false;
+    --it;
+    return std::get<0>(*it) == ino && std::get<2>(*it) >= off + len;
+  }
+  // covers()'s cache (aggregate initialisation leaves them empty).
+  std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> sorted_;  // (ino, begin, end), joined
+  size_t sorted_from_ = ~size_t{0};                                // legal.size() it was built from
 };
 
 struct Model {
@@ -144,8 +174,14 @@ struct Model {
   // Is [off, off + len) of file `ino` inside the union of the legal ranges
   // of the pending offers?
   bool covered(uint64_t ino, uint64_t off, uint64_t len) {
-    if (merged_gen_ != gen) rebuild();
-    const bool fast = covered_merged(ino, off, len);
+    // First the offers one by one (no rebuild); the union only for a
+    // discard that spans the buffers of several offers.
+    bool fast = len == 0 || std::any_of(pending.begin(), pending.end(),
+                                        [&](Offer& o) { return o.covers(ino, off, len); });
+    if (!fast) {
+      if (merged_gen_ != gen) rebuild();
+      fast = covered_merged(ino, off, len);
+    }
     if (check_cover_) {
       const bool slow = covered_by_sorting(ino, off, len);
       if (fast != slow) {
@@ -317,16 +353,14 @@ Shared& shared() {
   return *s;
 }
 
-// Counter value of fphd_protocol_errors_total{reason} (all VMs).
+// Counter value of fphd_protocol_errors_total{vm="fuzz",reason}. The family
+// is looked up by registering it again (the registry merges a family of the
+// same name and type) and the series by Add (returns the existing one): a
+// whole Registry::Collect per question was half of the target's CPU.
 double protocol_errors(const std::string& reason) {
-  double sum = 0;
-  for (const auto& fam : shared().metrics.registry()->Collect()) {
-    if (fam.name != "fphd_protocol_errors_total") continue;
-    for (const auto& m : fam.metric)
-      for (const auto& l : m.label)
-        if (l.name == "reason" && l.value == reason) sum += m.counter.value;
-  }
-  return sum;
+  static prometheus::Family<prometheus::Counter>& fam =
+      prometheus::BuildCounter().Name("fphd_protocol_errors_total").Register(*shared().metrics.registry());
+  return fam.Add({{"vm", "fuzz"}, {"reason", reason}}).Value();
 }
 
 // ---------------------------------------------------------------- input
