@@ -1,5 +1,6 @@
 #include "fph/common/log.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -46,6 +47,38 @@ void write(Level l, std::string_view component, std::string_view msg) {
   std::fprintf(stderr, "%s.%03dZ %-5s [%.*s] %.*s\n", ts, static_cast<int>(ms), name(l),
                static_cast<int>(component.size()), component.data(), static_cast<int>(msg.size()),
                msg.data());
+}
+
+std::optional<uint64_t> LineBudget::take(Clock::time_point now) {
+  std::lock_guard lk(mu_);
+  if (refilled_ == Clock::time_point{}) refilled_ = now;
+  if (tokens_ < burst_ && now > refilled_ && interval_.count() > 0) {
+    const auto earned = static_cast<uint64_t>((now - refilled_) / interval_);
+    if (earned) {
+      tokens_ = static_cast<uint32_t>(std::min<uint64_t>(burst_, tokens_ + earned));
+      refilled_ += interval_ * static_cast<int64_t>(earned);
+    }
+  }
+  if (tokens_ == burst_) refilled_ = now;  // a full bucket earns nothing while it waits
+  if (tokens_ == 0) {
+    held_++;
+    held_total_++;
+    return std::nullopt;
+  }
+  tokens_--;
+  const uint64_t held = held_;
+  held_ = 0;
+  return held;
+}
+
+std::string with_held_back(std::string msg, uint64_t held) {
+  if (held) msg += fmt::format(" ({} lines held back before this one)", held);
+  return msg;
+}
+
+uint64_t LineBudget::held_back_total() const {
+  std::lock_guard lk(mu_);
+  return held_total_;
 }
 
 }  // namespace fph::log

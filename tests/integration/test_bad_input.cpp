@@ -11,8 +11,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <fstream>
+#include <thread>
 
 #include "fph/common/unique_fd.h"
 #include "fph/proto/balloon.h"
@@ -361,6 +363,65 @@ void one_session(const std::string& path) {
 // kernel's 65530 mappings, made thread creation fail and fphd abort. Ended
 // session threads are now joined as they end: 400 sessions later fphd has
 // the mappings it had after the first few.
+// A front end that repeats a bad message in a loop is refused and counted
+// every time, but its log lines are budgeted (log.h LineBudget: 20, then one
+// a second): a flood must not fill the disk or, through journald's
+// per-service rate limit, hide the lines of the other VMs.
+TEST(BadInput, AFrontEndLoopingOnABadMessageCannotFloodTheLog) {
+  TempDir dir;
+  Fphd fphd(dir);
+  constexpr int kFlood = 3000;  // and one more after a pause
+  const auto began = std::chrono::steady_clock::now();
+  {
+    EvilFrontEnd fe(fphd.socket);
+    fe.handshake();
+    // GET_CONFIG past the end of the config space: always answered (with an
+    // empty payload), never closes the session.
+    const auto bad = vu::encode_config({64, 8, 0, std::vector<uint8_t>(8)});
+    for (int i = 0; i < kFlood; ++i) {
+      ASSERT_TRUE(fe.send(static_cast<uint32_t>(vu::Request::GetConfig), bad, {}, false)) << i;
+      auto r = fe.recv();
+      ASSERT_TRUE(r) << "no reply to GET_CONFIG " << i;
+      ASSERT_EQ(r->header.request, static_cast<uint32_t>(vu::Request::GetConfig));
+    }
+    EXPECT_NE(fe.get(vu::Request::GetFeatures), ~0ull) << "the session is still up";
+    // A second later the budget lets one line through, and it says how many
+    // were held back.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    ASSERT_TRUE(fe.send(static_cast<uint32_t>(vu::Request::GetConfig), bad, {}, false));
+    ASSERT_TRUE(fe.recv());
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  // Another VM's problem after the flood is logged at once.
+  {
+    EvilFrontEnd other(fphd.socket);
+    other.handshake();
+    EXPECT_NE(other.ack(vu::Request::SetFeatures, std::vector<uint8_t>(4)), 0u);
+    EXPECT_NE(other.get(vu::Request::GetFeatures), ~0ull);
+  }
+  ASSERT_TRUE(eventually([&] {
+    return fphd.proc->stderr_text().find("SET_FEATURES") != std::string::npos;
+  })) << fphd.proc->stderr_text();
+  ASSERT_TRUE(fphd.proc->running());
+
+  const std::string log = fphd.proc->stderr_text();
+  size_t lines = 0, at = 0;
+  bool says_held_back = false;
+  while ((at = log.find("GET_CONFIG:", at)) != std::string::npos) {
+    const size_t eol = log.find('\n', at);
+    says_held_back |= log.substr(at, eol - at).find("held back before this one") != std::string::npos;
+    ++lines;
+    at = eol;
+  }
+  // 20 at once (less the handshake's own lines), then at most one per
+  // second of the flood (plus one for the second that had begun).
+  EXPECT_GE(lines, 10u) << log;
+  EXPECT_LE(lines, 20u + static_cast<size_t>(secs) + 1) << secs << " s\n" << log;
+  EXPECT_TRUE(says_held_back) << log;
+  // The counter saw every one of them.
+  EXPECT_EQ(metric_sum(fphd.scrape(), "fphd_protocol_errors_total", {{"reason", "bad_config_access"}}), kFlood + 1);
+}
+
 TEST(BadInput, EndedSessionsLeaveNoThreadBehind) {
   TempDir dir;
   Fphd fphd(dir);

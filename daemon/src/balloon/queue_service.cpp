@@ -251,7 +251,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       auto h = vr.ring.pop_avail();
       if (!h) {
         const auto& e = h.error();
-        log::error("queue", "vm={} vring {}: {}", s.name(), queue, e.message());
+        log::error(s.log_budget(), "queue", "vm={} vring {}: {}", s.name(), queue, e.message());
         vm.protocol_error(chain_reason(e.code));
         // A jump, or a head still in flight offered again: the ring is
         // stopped here, before anything is planned or discarded for it.
@@ -274,7 +274,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       // A structurally broken chain: none of its ranges can be trusted, so
       // nothing is discarded, but the head is valid and is returned so the
       // driver does not wait forever.
-      log::error("queue", "vm={} vring {}: invalid chain: {}", s.name(), queue,
+      log::error(s.log_budget(), "queue", "vm={} vring {}: invalid chain: {}", s.name(), queue,
                  walked.error().message());
       vm.protocol_error(chain_reason(walked.error().code));
       vm.request_done(RequestOutcome::Invalid);
@@ -284,7 +284,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
 
     RequestPlan plan = plan_request(*walked, role, *table, session_skip, ctx.topology, min_block);
     for (size_t i = 0; i < plan.errors.size(); ++i) {
-      log::error("queue", "vm={} vring {}: {}", s.name(), queue, plan.errors[i]);
+      log::error(s.log_budget(), "queue", "vm={} vring {}: {}", s.name(), queue, plan.errors[i]);
       vm.protocol_error(plan.error_reasons[i]);
     }
     if (role == QueueRole::Inflate) {

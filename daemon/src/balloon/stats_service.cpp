@@ -76,7 +76,7 @@ bool StatsService::service(Session& s, uint32_t queue, Vring& vr, std::mutex& mu
       auto h = vr.ring.pop_avail();
       if (!h) {
         const auto& e = h.error();
-        log::error("stats", "vm={} vring {} (stats): {}", s.name(), queue, e.message());
+        log::error(s.log_budget(), "stats", "vm={} vring {} (stats): {}", s.name(), queue, e.message());
         vm.protocol_error(chain_reason(e.code));
         if (vq::ends_ring(e.code)) return false;  // a jump, or a head still in flight (the held one)
         continue;  // the bad slot was consumed; there is no head to return
@@ -90,12 +90,14 @@ bool StatsService::service(Session& s, uint32_t queue, Vring& vr, std::mutex& mu
       due_ = Clock::now() + interval;
     }
     if (displaced) {
-      log::warn("stats", "vm={} vring {} (stats): a second buffer (head {}) while head {} was held; "
-                "returning the earlier one", s.name(), queue, head, displaced->head);
+      log::warn(s.log_budget(), "stats",
+                "vm={} vring {} (stats): a second buffer (head {}) while head {} was held; "
+                "returning the earlier one",
+                s.name(), queue, head, displaced->head);
       s.return_chain(displaced->queue, displaced->head);
     }
     if (!walked) {
-      log::error("stats", "vm={} vring {} (stats): invalid chain: {}", s.name(), queue,
+      log::error(s.log_budget(), "stats", "vm={} vring {} (stats): invalid chain: {}", s.name(), queue,
                  walked.error().message());
       vm.protocol_error(chain_reason(walked.error().code));
       std::lock_guard lk(mu_);
@@ -111,7 +113,7 @@ void StatsService::accept(Session& s, uint32_t queue, const vq::Chain& chain, co
   auto& vm = s.metrics();
   StatsVerdict v = check_stats_chain(chain, table);
   if (!v.stats) {
-    log::error("stats", "vm={} vring {} (stats): {}", s.name(), queue, v.error);
+    log::error(s.log_budget(), "stats", "vm={} vring {} (stats): {}", s.name(), queue, v.error);
     vm.protocol_error(v.reason);
     std::lock_guard lk(mu_);
     rejected_++;

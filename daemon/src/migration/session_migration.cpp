@@ -139,7 +139,7 @@ bool Session::handle_set_log_base(vu::Message& m) {
     log_ = std::move(*l);
     if (features_ & vu::feature::kLogAll) set_migration_state_locked(MigrationState::Logging);
   }
-  log::info("session", "vm={} dirty log attached: {} bytes (covers {} MiB)", name_, p->mmap_size,
+  log::info(log_budget_, "session", "vm={} dirty log attached: {} bytes (covers {} MiB)", name_, p->mmap_size,
             (p->mmap_size * 8 * DirtyLog::kPageSize) >> 20);
   return send_reply_payload(m, vu::encode_u64(0));
 }
@@ -160,8 +160,10 @@ bool Session::handle_set_device_state_fd(vu::Message& m) {
   const bool save = p->direction == 0;
   if (transfer_) {
     // A new transfer supersedes an unchecked one (a VMM that retries).
-    log::warn("session", "vm={} SET_DEVICE_STATE_FD: a previous transfer was never checked; "
-              "abandoning it", name_);
+    log::warn(log_budget_, "session",
+              "vm={} SET_DEVICE_STATE_FD: a previous transfer was never checked; "
+              "abandoning it",
+              name_);
     transfer_.reset();
   }
   devstate::DeviceState st;
@@ -196,11 +198,11 @@ bool Session::handle_set_device_state_fd(vu::Message& m) {
   }
   if (save) {
     auto blob = devstate::encode(st);
-    log::info("session", "vm={} saving device state: {} bytes", name_, blob.size());
+    log::info(log_budget_, "session", "vm={} saving device state: {} bytes", name_, blob.size());
     transfer_ = StateTransfer::save(std::move(m.fds[0]), std::move(blob), cancel_,
                                     ctx_.state_transfer_timeout);
   } else {
-    log::info("session", "vm={} loading device state", name_);
+    log::info(log_budget_, "session", "vm={} loading device state", name_);
     transfer_ = StateTransfer::load(std::move(m.fds[0]), devstate::kMaxBlobBytes, cancel_,
                                     ctx_.state_transfer_timeout);
   }
@@ -235,12 +237,13 @@ bool Session::handle_check_device_state(vu::Message& m) {
     (save ? state_sent_ : state_received_) += r.transferred;
   }
   if (!r.ok) {
-    log::error("session", "vm={} device state {} failed: {}", name_, dir, r.error);
+    log::error(log_budget_, "session", "vm={} device state {} failed: {}", name_, dir, r.error);
     vm_metrics_->protocol_error("state_" + r.reason);
     return outcome(false, r.reason, fmt::format("{}: {}", dir, r.error), r.transferred, dir);
   }
   if (save) {
-    log::info("session", "vm={} device state saved: {} bytes in {:.1f} ms", name_, r.transferred, secs * 1e3);
+    log::info(log_budget_, "session", "vm={} device state saved: {} bytes in {:.1f} ms", name_, r.transferred,
+              secs * 1e3);
     {
       std::lock_guard lk(mu_);
       set_migration_state_locked(MigrationState::Saved);
@@ -249,7 +252,7 @@ bool Session::handle_check_device_state(vu::Message& m) {
   }
   auto st = devstate::decode(r.bytes);
   if (!st) {
-    log::error("session", "vm={} device state rejected ({} bytes): {}", name_, r.bytes.size(),
+    log::error(log_budget_, "session", "vm={} device state rejected ({} bytes): {}", name_, r.bytes.size(),
                st.error().message());
     vm_metrics_->protocol_error("state_invalid");
     return outcome(false, "invalid", "load: " + st.error().message(), r.transferred, dir);
@@ -281,9 +284,11 @@ bool Session::handle_check_device_state(vu::Message& m) {
     epoch_notify_pending_ = true;
     set_migration_state_locked(MigrationState::Loaded);
   }
-  log::info("session", "vm={} device state loaded from {} ({} bytes in {:.1f} ms): num_pages={} actual={} "
-            "{}epoch {}", name_, st->source.empty() ? "?" : st->source, r.transferred, secs * 1e3,
-            st->config.num_pages, st->config.actual, st->paused ? "paused, " : "", epoch);
+  log::info(log_budget_, "session",
+            "vm={} device state loaded from {} ({} bytes in {:.1f} ms): num_pages={} actual={} "
+            "{}epoch {}",
+            name_, st->source.empty() ? "?" : st->source, r.transferred, secs * 1e3, st->config.num_pages,
+            st->config.actual, st->paused ? "paused, " : "", epoch);
   return outcome(true, "", "", r.transferred, dir);
 }
 

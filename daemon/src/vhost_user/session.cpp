@@ -362,7 +362,7 @@ void Session::fail(const vu::Message& m, const std::string& reason, const std::s
 }
 
 void Session::fail(const vu::Header& h, const std::string& reason, const std::string& detail) {
-  log::error("session", "vm={} {}: {}", name_, vu::request_name(h.request), detail);
+  log::error(log_budget_, "session", "vm={} {}: {}", name_, vu::request_name(h.request), detail);
   vm_metrics_->protocol_error(reason);
 }
 
@@ -428,8 +428,10 @@ void Session::set_table(std::shared_ptr<const MemoryTable> t, std::string_view w
       }
       // Its memory is gone: the front end may reuse those pages, so the used
       // ring is never written again; chains in flight are dropped.
-      log::error("session", "vm={} vring {} is no longer inside guest memory after {}: {}; ring stopped "
-                 "(set its addresses again)", name_, idx, why, parts.error());
+      log::error(log_budget_, "session",
+                 "vm={} vring {} is no longer inside guest memory after {}: {}; ring stopped "
+                 "(set its addresses again)",
+                 name_, idx, why, parts.error());
       vm_metrics_->protocol_error("ring_unmapped");
       v.abandoned = true;
       lost.push_back(idx);
@@ -491,8 +493,10 @@ bool Session::prepare_reconfigure(const vu::Message& m, uint32_t idx, bool refus
     std::lock_guard lk(mu_);
     vrings_[idx].abandoned = true;
   }
-  log::info("session", "vm={} vring {} set up again while started: the driver reset it; stopping it "
-            "without writing the old ring", name_, idx);
+  log::info(log_budget_, "session",
+            "vm={} vring {} set up again while started: the driver reset it; stopping it "
+            "without writing the old ring",
+            name_, idx);
   stop_ring(idx);
   return true;
 }
@@ -507,8 +511,8 @@ void Session::start_ring(uint32_t idx) {
     // have changed since (they are checked again, for the full size).
     auto parts = locate_ring(v.addr, v.num, *table_);
     if (!parts) {
-      log::error("session", "vm={} vring {}: {}; ring not started (set its addresses again)", name_, idx,
-                 parts.error());
+      log::error(log_budget_, "session", "vm={} vring {}: {}; ring not started (set its addresses again)",
+                 name_, idx, parts.error());
       vm_metrics_->protocol_error("ring_unmapped");
       v.unconfigure(Vring::Field::Addr);
       lost = v.started;
@@ -777,7 +781,7 @@ bool Session::handle(vu::Message& m) {
       features_ = *f;
       features_set_ = true;
       if (logging != was_logging) {
-        log::info("session", "vm={} dirty logging {}{}", name_, logging ? "on" : "off",
+        log::info(log_budget_, "session", "vm={} dirty logging {}{}", name_, logging ? "on" : "off",
                   logging && !log_ ? " (no log attached yet)" : "");
         if (logging && log_) set_migration_state_locked(MigrationState::Logging);
         if (!logging && migration_ == MigrationState::Logging)
@@ -788,7 +792,7 @@ bool Session::handle(vu::Message& m) {
       // (vu-doc "Ring states").
       if (!(features_ & vu::feature::kProtocolFeatures))
         for (auto& v : vrings_) v.enabled = true;
-      log::info("session", "vm={} features 0x{:x} ({}reporting{}{}, reporting queue {})", name_,
+      log::info(log_budget_, "session", "vm={} features 0x{:x} ({}reporting{}{}, reporting queue {})", name_,
                 features_, (features_ & balloon::kFReporting) ? "" : "no ",
                 (features_ & balloon::kFPagePoison) ? ", page poison" : "",
                 (features_ & balloon::kFStatsVq) ? fmt::format(", stats queue {}", layout_.stats) : "",
@@ -832,7 +836,7 @@ bool Session::handle(vu::Message& m) {
         mapped.push_back(std::move(*r));
       }
       auto t = std::make_shared<MemoryTable>(std::move(mapped));
-      log::info("session", "vm={} memory table: {} regions, {} MiB", name_, t->regions().size(),
+      log::info(log_budget_, "session", "vm={} memory table: {} regions, {} MiB", name_, t->regions().size(),
                 t->total_bytes() >> 20);
       set_table(std::move(t), "SET_MEM_TABLE");
       break;
@@ -862,7 +866,7 @@ bool Session::handle(vu::Message& m) {
       auto regions = cur->regions();
       regions.push_back(std::move(*mr));
       auto t = std::make_shared<MemoryTable>(std::move(regions));
-      log::info("session", "vm={} added region gpa=0x{:x} size={} MiB ({} total)", name_,
+      log::info(log_budget_, "session", "vm={} added region gpa=0x{:x} size={} MiB ({} total)", name_,
                 r->guest_phys_addr, r->memory_size >> 20, t->regions().size());
       set_table(std::move(t), "ADD_MEM_REG");
       break;
@@ -1089,7 +1093,7 @@ bool Session::handle(vu::Message& m) {
       const uint32_t old_poison = config_.poison_val;
       config_ = balloon::decode_config(bytes);
       if (config_.poison_val != old_poison)
-        log::info("session", "vm={} poison_val=0x{:x}{}", name_, config_.poison_val,
+        log::info(log_budget_, "session", "vm={} poison_val=0x{:x}{}", name_, config_.poison_val,
                   config_.poison_val ? ": reported pages will not be discarded" : "");
       break;
     }
@@ -1112,8 +1116,10 @@ bool Session::handle(vu::Message& m) {
       if ((st & balloon::kStatusFeaturesOk) && features_refused_) {
         // virtio 1.2 2.2.2: a device that does not accept the driver's
         // features fails to set FEATURES_OK; GET_STATUS shows it cleared.
-        log::warn("session", "vm={} SET_STATUS 0x{:x}: FEATURES_OK not taken, the last SET_FEATURES "
-                  "was refused", name_, st);
+        log::warn(log_budget_, "session",
+                  "vm={} SET_STATUS 0x{:x}: FEATURES_OK not taken, the last SET_FEATURES "
+                  "was refused",
+                  name_, st);
         st = static_cast<uint8_t>(st & ~balloon::kStatusFeaturesOk);
       }
       status_ = st;

@@ -4,6 +4,11 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
 #include <string_view>
 
 namespace fph::log {
@@ -30,6 +35,55 @@ void warn(std::string_view c, fmt::format_string<A...> f, A&&... a) {
 template <class... A>
 void error(std::string_view c, fmt::format_string<A...> f, A&&... a) {
   write(Level::Error, c, fmt::format(f, std::forward<A>(a)...));
+}
+
+// A budget of log lines for one source that the daemon does not control (one
+// VM's front end): a front end that sends a malformed message in a loop must
+// not flood the log. The flood would fill the disk, and journald rate-limits
+// per service, so it would also drop the lines of every other VM. The first
+// `burst` lines pass, then one line per `interval`; the lines held back are
+// counted (the metrics still count every event) and the next line written
+// says how many there were. Thread safe.
+class LineBudget {
+ public:
+  using Clock = std::chrono::steady_clock;
+  explicit LineBudget(uint32_t burst = 20, Clock::duration interval = std::chrono::seconds(1))
+      : burst_(burst), interval_(interval), tokens_(burst) {}
+
+  // nullopt: hold this line back. Otherwise the line may be written, and the
+  // value is how many lines were held back since the last one written.
+  std::optional<uint64_t> take(Clock::time_point now = Clock::now());
+  uint64_t held_back_total() const;
+
+ private:
+  mutable std::mutex mu_;
+  const uint32_t burst_;
+  const Clock::duration interval_;
+  uint32_t tokens_;
+  Clock::time_point refilled_{};
+  uint64_t held_ = 0, held_total_ = 0;
+};
+
+// Logging under a budget: a held-back line is not even formatted; the next
+// written one ends with "(N lines held back before this one)".
+std::string with_held_back(std::string msg, uint64_t held);
+
+template <class... A>
+void info(LineBudget& b, std::string_view c, fmt::format_string<A...> f, A&&... a) {
+  if (level() > Level::Info) return;
+  if (auto held = b.take())
+    write(Level::Info, c, with_held_back(fmt::format(f, std::forward<A>(a)...), *held));
+}
+template <class... A>
+void warn(LineBudget& b, std::string_view c, fmt::format_string<A...> f, A&&... a) {
+  if (level() > Level::Warn) return;
+  if (auto held = b.take())
+    write(Level::Warn, c, with_held_back(fmt::format(f, std::forward<A>(a)...), *held));
+}
+template <class... A>
+void error(LineBudget& b, std::string_view c, fmt::format_string<A...> f, A&&... a) {
+  if (auto held = b.take())
+    write(Level::Error, c, with_held_back(fmt::format(f, std::forward<A>(a)...), *held));
 }
 
 }  // namespace fph::log

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "fph/common/expected.h"
+#include "fph/common/log.h"
 #include "fph/common/unique_fd.h"
 #include "fph/daemon/backend_channel.h"
 #include "fph/daemon/balloon_targets.h"
@@ -218,6 +219,11 @@ class Session : public std::enable_shared_from_this<Session> {
   void taken_locked(uint32_t queue);
 
   VmMetrics& metrics() { return *vm_metrics_; }
+  // The budget of the log lines this VM's front end can cause (protocol
+  // errors, message handling; log.h LineBudget): a front end looping on a bad
+  // message costs the log 20 lines and then one a second. Lines the operator
+  // causes (admin commands) and connect/disconnect are not budgeted.
+  log::LineBudget& log_budget() { return log_budget_; }
   RefaultTracker& refaults() { return *refaults_; }
   RefaultBackoff& backoff() { return *backoff_; }
   // Requests taken from the guest's queues so far (the stats queue aside).
@@ -317,6 +323,7 @@ class Session : public std::enable_shared_from_this<Session> {
   UniqueFd wake_;  // eventfd: request_stop()
   std::string name_;
   std::shared_ptr<VmMetrics> vm_metrics_;
+  log::LineBudget log_budget_;
   std::shared_ptr<RefaultTracker> refaults_ = std::make_shared<RefaultTracker>();
   std::shared_ptr<RefaultBackoff> backoff_ = std::make_shared<RefaultBackoff>();
   // Session thread only: the VM's rate limit and what waits for it.
