@@ -399,8 +399,12 @@ TEST(BadInput, AFrontEndLoopingOnABadMessageCannotFloodTheLog) {
     EXPECT_NE(other.ack(vu::Request::SetFeatures, std::vector<uint8_t>(4)), 0u);
     EXPECT_NE(other.get(vu::Request::GetFeatures), ~0ull);
   }
+  // ... and the flooding session's last line says how many of its lines
+  // were held back in all.
   ASSERT_TRUE(eventually([&] {
-    return fphd.proc->stderr_text().find("SET_FEATURES") != std::string::npos;
+    const std::string t = fphd.proc->stderr_text();
+    return t.find("SET_FEATURES") != std::string::npos &&
+           t.find("of its log lines were held back by its budget") != std::string::npos;
   })) << fphd.proc->stderr_text();
   ASSERT_TRUE(fphd.proc->running());
 

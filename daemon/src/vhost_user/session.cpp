@@ -283,7 +283,9 @@ void Session::run() {
   release_stats_locked(-1);  // a held stats buffer is never waited for
   for (auto& v : vrings_) v.started = false;
   cv_.wait(lk, [&] { return inflight_total_ == 0; });
-  log::info("session", "vm={} disconnected", name_);
+  const uint64_t held = log_budget_.held_back_total();
+  log::info("session", "vm={} disconnected{}", name_,
+            held ? fmt::format(" ({} of its log lines were held back by its budget)", held) : "");
 }
 
 bool Session::serve_one() {
