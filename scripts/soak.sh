@@ -221,6 +221,12 @@ echo "fphd alive          $FPHD_ALIVE"
 echo "fphd RssAnon        baseline $BASE_RSS KiB, end $END_RSS KiB (during: ${rss_trace:-n/a}); slack $RSS_SLACK_MIB MiB"
 echo "fphd RssAnon growth $(awk -v a="$BASE_RSS" -v b="$END_RSS" -v n="$((OPENED - LIVE))" 'BEGIN { printf "%.1f KiB per closed session (%d KiB over %d)", n ? (b - a) / n : 0, b - a, n }')"
 echo "fphd fds            baseline $BASE_FDS, end $END_FDS; slack $FD_SLACK"
+# The log a hostile front end costs (each session's lines are budgeted:
+# log.h LineBudget; the counters above count every event).
+LOG_LINES=$(wc -l <"$RUN/fphd.log") LOG_KIB=$(( $(stat -c %s "$RUN/fphd.log") / 1024 ))
+HELD=$(awk 'match($0, /disconnected \([0-9]+ of its log lines were held back/) {
+    split(substr($0, RSTART, RLENGTH), w, " "); s += substr(w[2], 2) } END { print s + 0 }' "$RUN/fphd.log")
+echo "fphd log            $LOG_LINES lines, $LOG_KIB KiB ($(awk -v l="$LOG_LINES" -v n="$OPENED" 'BEGIN { printf "%.1f", n ? l / n : 0 }') lines per session); $HELD lines held back by the per-VM budgets"
 echo
 printf '%-10s %14s %16s %18s %18s %10s\n' guest "reclaimed GiB" "corrupted bytes" "reported nonzero B" "longest gap (s)" "exit"
 fail=()

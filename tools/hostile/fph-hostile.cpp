@@ -351,6 +351,26 @@ void c_config_out_of_range(Conn& c, std::mt19937_64& rng) {
   }
   if (c.add_memory() && c.ring_setup()) c.probe_served();
 }
+// The same bad message in a loop (GET_CONFIG past the config space, or
+// SET_FEATURES without VERSION_1): each is refused and counted, but the
+// session's log lines are budgeted (docs/protocol.md "Bad input"), so the
+// flood costs fphd's log about 20 lines, not one per message.
+void c_message_flood(Conn& c, std::mt19937_64& rng) {
+  if (!c.negotiate()) return;
+  c.out.setup_ok = true;
+  const int n = 200 + static_cast<int>(rng() % 800);
+  const bool config = rng() & 1;
+  for (int i = 0; i < n && !c.out.closed; ++i) {
+    if (config) {
+      c.send(Req::GetConfig, vu::encode_config({64, 8, 0, std::vector<uint8_t>(8)}));
+      if (auto m = c.recv(); m && m->payload.size() <= 12) c.out.nacked = true;
+      else break;
+    } else if (!c.ack(Req::SetFeatures, vu::encode_u64(balloon::kFReporting))) {
+      break;  // no reply: the session is gone (ack() noted a nack itself)
+    }
+  }
+  if (c.add_memory() && c.ring_setup()) c.probe_served();
+}
 // A memory region larger than its memfd, or at an offset past its end.
 void c_region_past_eof(Conn& c, std::mt19937_64& rng) {
   if (!c.negotiate()) return;
@@ -584,6 +604,7 @@ const Case kCases[] = {
     {"wrong_fd_count", c_wrong_fd_count, false},
     {"no_version_1", c_no_version_1, true},
     {"config_out_of_range", c_config_out_of_range, true},
+    {"message_flood", c_message_flood, true},
     {"region_past_eof", c_region_past_eof, true},
     {"memfd_truncated", c_memfd_truncated, true},
     {"vring_num_invalid", c_vring_num_invalid, true},
