@@ -251,8 +251,7 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       auto h = vr.ring.pop_avail();
       if (!h) {
         const auto& e = h.error();
-        log::error(s.log_budget(), "queue", "vm={} vring {}: {}", s.name(), queue, e.message());
-        vm.protocol_error(chain_reason(e.code));
+        s.protocol_error("queue", chain_reason(e.code), fmt::format("vring {}: {}", queue, e.message()));
         // A jump, or a head still in flight offered again: the ring is
         // stopped here, before anything is planned or discarded for it.
         if (vq::ends_ring(e.code)) return false;
@@ -274,19 +273,16 @@ bool service_queue(Session& s, uint32_t queue, QueueRole role, Vring& vr, std::m
       // A structurally broken chain: none of its ranges can be trusted, so
       // nothing is discarded, but the head is valid and is returned so the
       // driver does not wait forever.
-      log::error(s.log_budget(), "queue", "vm={} vring {}: invalid chain: {}", s.name(), queue,
-                 walked.error().message());
-      vm.protocol_error(chain_reason(walked.error().code));
+      s.protocol_error("queue", chain_reason(walked.error().code),
+                       fmt::format("vring {}: invalid chain: {}", queue, walked.error().message()));
       vm.request_done(RequestOutcome::Invalid);
       s.return_chain(queue, head);
       continue;
     }
 
     RequestPlan plan = plan_request(*walked, role, *table, session_skip, ctx.topology, min_block);
-    for (size_t i = 0; i < plan.errors.size(); ++i) {
-      log::error(s.log_budget(), "queue", "vm={} vring {}: {}", s.name(), queue, plan.errors[i]);
-      vm.protocol_error(plan.error_reasons[i]);
-    }
+    for (size_t i = 0; i < plan.errors.size(); ++i)
+      s.protocol_error("queue", plan.error_reasons[i], fmt::format("vring {}: {}", queue, plan.errors[i]));
     if (role == QueueRole::Inflate) {
       // Inflated pages are discarded like reported ones but counted apart:
       // the host asked for them (balloon target), the guest did not offer them.

@@ -64,7 +64,6 @@ StatsVerdict check_stats_chain(const vq::Chain& chain, const MemoryTable& table)
 bool StatsService::service(Session& s, uint32_t queue, Vring& vr, std::mutex& mu,
                            const std::shared_ptr<const MemoryTable>& table,
                            std::chrono::milliseconds interval) {
-  auto& vm = s.metrics();
   if (interval.count() <= 0) interval = std::chrono::seconds(5);  // never a busy loop
   for (;;) {
     uint16_t head = 0;
@@ -76,8 +75,8 @@ bool StatsService::service(Session& s, uint32_t queue, Vring& vr, std::mutex& mu
       auto h = vr.ring.pop_avail();
       if (!h) {
         const auto& e = h.error();
-        log::error(s.log_budget(), "stats", "vm={} vring {} (stats): {}", s.name(), queue, e.message());
-        vm.protocol_error(chain_reason(e.code));
+        s.protocol_error("stats", chain_reason(e.code),
+                         fmt::format("vring {} (stats): {}", queue, e.message()));
         if (vq::ends_ring(e.code)) return false;  // a jump, or a head still in flight (the held one)
         continue;  // the bad slot was consumed; there is no head to return
       }
@@ -97,9 +96,8 @@ bool StatsService::service(Session& s, uint32_t queue, Vring& vr, std::mutex& mu
       s.return_chain(displaced->queue, displaced->head);
     }
     if (!walked) {
-      log::error(s.log_budget(), "stats", "vm={} vring {} (stats): invalid chain: {}", s.name(), queue,
-                 walked.error().message());
-      vm.protocol_error(chain_reason(walked.error().code));
+      s.protocol_error("stats", chain_reason(walked.error().code),
+                       fmt::format("vring {} (stats): invalid chain: {}", queue, walked.error().message()));
       std::lock_guard lk(mu_);
       rejected_++;
       continue;
@@ -113,8 +111,7 @@ void StatsService::accept(Session& s, uint32_t queue, const vq::Chain& chain, co
   auto& vm = s.metrics();
   StatsVerdict v = check_stats_chain(chain, table);
   if (!v.stats) {
-    log::error(s.log_budget(), "stats", "vm={} vring {} (stats): {}", s.name(), queue, v.error);
-    vm.protocol_error(v.reason);
+    s.protocol_error("stats", v.reason, fmt::format("vring {} (stats): {}", queue, v.error));
     std::lock_guard lk(mu_);
     rejected_++;
     if (latest_) latest_->rejected = rejected_;

@@ -237,8 +237,7 @@ bool Session::handle_check_device_state(vu::Message& m) {
     (save ? state_sent_ : state_received_) += r.transferred;
   }
   if (!r.ok) {
-    log::error(log_budget_, "session", "vm={} device state {} failed: {}", name_, dir, r.error);
-    vm_metrics_->protocol_error("state_" + r.reason);
+    protocol_error("session", "state_" + r.reason, fmt::format("device state {} failed: {}", dir, r.error));
     return outcome(false, r.reason, fmt::format("{}: {}", dir, r.error), r.transferred, dir);
   }
   if (save) {
@@ -252,9 +251,8 @@ bool Session::handle_check_device_state(vu::Message& m) {
   }
   auto st = devstate::decode(r.bytes);
   if (!st) {
-    log::error(log_budget_, "session", "vm={} device state rejected ({} bytes): {}", name_, r.bytes.size(),
-               st.error().message());
-    vm_metrics_->protocol_error("state_invalid");
+    protocol_error("session", "state_invalid",
+                   fmt::format("device state rejected ({} bytes): {}", r.bytes.size(), st.error().message()));
     return outcome(false, "invalid", "load: " + st.error().message(), r.transferred, dir);
   }
   bool running;

@@ -364,7 +364,12 @@ void Session::fail(const vu::Message& m, const std::string& reason, const std::s
 }
 
 void Session::fail(const vu::Header& h, const std::string& reason, const std::string& detail) {
-  log::error(log_budget_, "session", "vm={} {}: {}", name_, vu::request_name(h.request), detail);
+  protocol_error("session", reason, fmt::format("{}: {}", vu::request_name(h.request), detail));
+}
+
+void Session::protocol_error(std::string_view component, const std::string& reason,
+                             const std::string& detail) {
+  log::error(log_budget_, component, "vm={} {}", name_, detail);
   vm_metrics_->protocol_error(reason);
 }
 
@@ -430,11 +435,10 @@ void Session::set_table(std::shared_ptr<const MemoryTable> t, std::string_view w
       }
       // Its memory is gone: the front end may reuse those pages, so the used
       // ring is never written again; chains in flight are dropped.
-      log::error(log_budget_, "session",
-                 "vm={} vring {} is no longer inside guest memory after {}: {}; ring stopped "
-                 "(set its addresses again)",
-                 name_, idx, why, parts.error());
-      vm_metrics_->protocol_error("ring_unmapped");
+      protocol_error("session", "ring_unmapped",
+                     fmt::format("vring {} is no longer inside guest memory after {}: {}; ring stopped "
+                                 "(set its addresses again)",
+                                 idx, why, parts.error()));
       v.abandoned = true;
       lost.push_back(idx);
     }
@@ -513,9 +517,9 @@ void Session::start_ring(uint32_t idx) {
     // have changed since (they are checked again, for the full size).
     auto parts = locate_ring(v.addr, v.num, *table_);
     if (!parts) {
-      log::error(log_budget_, "session", "vm={} vring {}: {}; ring not started (set its addresses again)",
-                 name_, idx, parts.error());
-      vm_metrics_->protocol_error("ring_unmapped");
+      protocol_error(
+          "session", "ring_unmapped",
+          fmt::format("vring {}: {}; ring not started (set its addresses again)", idx, parts.error()));
       v.unconfigure(Vring::Field::Addr);
       lost = v.started;
       v.abandoned = v.abandoned || lost;

@@ -69,21 +69,21 @@ class LineBudget {
 std::string with_held_back(std::string msg, uint64_t held);
 
 template <class... A>
+void write(LineBudget& b, Level l, std::string_view c, fmt::format_string<A...> f, A&&... a) {
+  if (level() > l) return;
+  if (auto held = b.take()) write(l, c, with_held_back(fmt::format(f, std::forward<A>(a)...), *held));
+}
+template <class... A>
 void info(LineBudget& b, std::string_view c, fmt::format_string<A...> f, A&&... a) {
-  if (level() > Level::Info) return;
-  if (auto held = b.take())
-    write(Level::Info, c, with_held_back(fmt::format(f, std::forward<A>(a)...), *held));
+  write(b, Level::Info, c, f, std::forward<A>(a)...);
 }
 template <class... A>
 void warn(LineBudget& b, std::string_view c, fmt::format_string<A...> f, A&&... a) {
-  if (level() > Level::Warn) return;
-  if (auto held = b.take())
-    write(Level::Warn, c, with_held_back(fmt::format(f, std::forward<A>(a)...), *held));
+  write(b, Level::Warn, c, f, std::forward<A>(a)...);
 }
 template <class... A>
 void error(LineBudget& b, std::string_view c, fmt::format_string<A...> f, A&&... a) {
-  if (auto held = b.take())
-    write(Level::Error, c, with_held_back(fmt::format(f, std::forward<A>(a)...), *held));
+  write(b, Level::Error, c, f, std::forward<A>(a)...);
 }
 
 }  // namespace fph::log

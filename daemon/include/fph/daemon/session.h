@@ -224,6 +224,10 @@ class Session : public std::enable_shared_from_this<Session> {
   // message costs the log 20 lines and then one a second. Lines the operator
   // causes (admin commands) and connect/disconnect are not budgeted.
   log::LineBudget& log_budget() { return log_budget_; }
+  // A protocol error of this VM's front end or driver: one line
+  // "vm=NAME <detail>" under the VM's log budget, and the
+  // fphd_protocol_errors_total{reason} counter (every time). Any thread.
+  void protocol_error(std::string_view component, const std::string& reason, const std::string& detail);
   RefaultTracker& refaults() { return *refaults_; }
   RefaultBackoff& backoff() { return *backoff_; }
   // Requests taken from the guest's queues so far (the stats queue aside).
